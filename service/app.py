@@ -1,0 +1,336 @@
+"""Wires the service together from :class:`Settings`: encoder, Kafka, Elasticsearch, HTTP.
+
+``Service`` is used both by ``sparse-ingest run`` and, in-process, by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.helpers import create_ssl_context
+from elasticsearch import (
+    AsyncElasticsearch,
+    AuthenticationException,
+)
+from elasticsearch import (
+    ConnectionError as EsConnectionError,
+)
+
+from service.config import Settings
+from service.deadletter import DeadLetterWriter
+from service.http import HttpApi, HttpLimits
+from service.messages import MessageContract
+from service.metrics import Metrics
+from service.pipeline import Pipeline, PipelineConfig
+from service.search import Searcher
+from service.sink import ElasticsearchSink, IndexConfig
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says which setting to check."""
+
+
+def elasticsearch_client(settings: Settings) -> AsyncElasticsearch:
+    kwargs: dict[str, Any] = {"request_timeout": settings.es_request_timeout_s}
+    if settings.es_username:
+        password = settings.es_password.get_secret_value() if settings.es_password else ""
+        kwargs["basic_auth"] = (settings.es_username, password)
+    if settings.es_api_key is not None:
+        kwargs["api_key"] = settings.es_api_key.get_secret_value()
+    if settings.es_ca_certs is not None:
+        kwargs["ca_certs"] = str(settings.es_ca_certs)
+    if settings.es_url.startswith("https"):
+        kwargs["verify_certs"] = settings.es_verify_certs
+    return AsyncElasticsearch(settings.es_url, **kwargs)
+
+
+def kafka_security(settings: Settings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        context: ssl.SSLContext = create_ssl_context(cafile=cafile)
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        assert settings.kafka_sasl_password is not None
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
+def load_encoder(settings: Settings) -> Any:
+    from encoder import SparseEncoder
+
+    return SparseEncoder.load(
+        settings.model_dir,
+        threads=settings.encoder_threads,
+        max_batch_tokens=settings.encoder_max_batch_tokens,
+        max_batch_docs=settings.encoder_max_batch_docs,
+        long_text=settings.long_text,
+    )
+
+
+async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) -> str:
+    """Return the cluster version, or raise :class:`StartupError` saying what to fix."""
+    try:
+        info = await client.info()
+    except AuthenticationException:
+        raise StartupError(
+            f"Elasticsearch at {settings.es_url} refused the credentials: check "
+            "SPARSE_INGEST_ES_USERNAME / SPARSE_INGEST_ES_PASSWORD or SPARSE_INGEST_ES_API_KEY"
+        ) from None
+    except EsConnectionError as exc:
+        hint = ""
+        if "CERTIFICATE" in str(exc).upper() or "SSL" in str(exc).upper():
+            hint = " (TLS: set SPARSE_INGEST_ES_CA_CERTS to the cluster's CA file)"
+        raise StartupError(
+            f"cannot reach Elasticsearch at {settings.es_url} (SPARSE_INGEST_ES_URL){hint}: "
+            f"{type(exc).__name__}"
+        ) from None
+    return str(info["version"]["number"])
+
+
+class Service:
+    def __init__(self, settings: Settings, *, encoder: Any | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.encoder = encoder
+        self.es: AsyncElasticsearch | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.pipeline: Pipeline | None = None
+        self.searcher: Searcher | None = None
+        self._runner: web.AppRunner | None = None
+        self._pipeline_task: asyncio.Task[None] | None = None
+        self.http_port: int | None = None
+
+    async def start(self, *, consume: bool = True, http: bool = True) -> None:
+        s = self.settings
+        if self.encoder is None:
+            self.encoder = await asyncio.to_thread(load_encoder, s)
+        encoder: Any = self.encoder
+        meta = encoder.metadata
+        self.metrics.model_info.info({k: str(v) for k, v in _metadata_fields(meta).items()})
+        with contextlib.suppress(Exception):
+            from encoder import cpu_features
+
+            self.metrics.cpu_info.info({k: str(v).lower() for k, v in cpu_features().items()})
+
+        self.es = elasticsearch_client(s)
+        version = await check_elasticsearch(self.es, s)
+        log.info("Elasticsearch %s at %s", version, s.es_url)
+        sink = ElasticsearchSink(
+            self.es,
+            IndexConfig(
+                index=s.es_index,
+                vector_field=s.es_vector_field,
+                text_fields=tuple(s.text_fields),
+                number_of_shards=s.es_number_of_shards,
+                number_of_replicas=s.es_number_of_replicas,
+                refresh_interval=s.es_refresh_interval,
+                prune_below=s.es_prune_below,
+            ),
+            model_name=meta.name,
+            chunk_size=s.es_bulk_chunk_size,
+            max_chunk_bytes=s.es_bulk_max_bytes,
+            max_retries=s.es_bulk_max_retries,
+            initial_backoff=s.es_bulk_initial_backoff_s,
+            max_backoff=s.es_bulk_max_backoff_s,
+        )
+        await sink.ensure_index(create=s.es_create_index)
+        self.searcher = Searcher(self.es, s.es_index, s.es_vector_field, s.text_fields)
+
+        if consume:
+            await self._start_kafka(sink, encoder)
+        if http:
+            await self._start_http()
+        self.metrics.ready.set(1)
+
+    async def _start_kafka(self, sink: ElasticsearchSink, encoder: Any) -> None:
+        s = self.settings
+        security = kafka_security(s)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            client_id=f"{s.kafka_client_id}-dlq",
+            acks="all",
+            enable_idempotence=True,
+            **security,
+        )
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.kafka_group_id,
+            client_id=s.kafka_client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.kafka_auto_offset_reset,
+            max_poll_records=s.kafka_max_poll_records,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+            isolation_level="read_committed",
+            **security,
+        )
+        try:
+            await self.producer.start()
+            await self.consumer.start()
+        except KafkaConnectionError as exc:
+            await self._stop_kafka_clients()
+            raise StartupError(
+                f"cannot reach Kafka at {s.kafka_bootstrap_servers} "
+                f"(SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS): {exc}"
+            ) from None
+        except KafkaError as exc:
+            await self._stop_kafka_clients()
+            raise StartupError(
+                f"Kafka at {s.kafka_bootstrap_servers} refused the connection "
+                f"(check SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL / SASL / SSL settings): {exc}"
+            ) from None
+        try:
+            from encoder import EncodeStats
+
+            stats_factory: Any = EncodeStats
+        except ImportError:
+            stats_factory = None
+        self.pipeline = Pipeline(
+            self.consumer,
+            encoder,
+            sink,
+            DeadLetterWriter(self.producer, s.dead_letter_topic),
+            MessageContract(
+                id_field=s.id_field,
+                text_fields=tuple(s.text_fields),
+                version_field=s.version_field,
+                version_header=s.version_header,
+                vector_field=s.es_vector_field,
+                max_message_bytes=s.max_message_bytes,
+                max_text_chars=s.max_text_chars,
+            ),
+            self.metrics,
+            PipelineConfig(
+                batch_max_docs=s.batch_max_docs,
+                batch_max_tokens=s.batch_max_tokens,
+                batch_linger_ms=s.batch_linger_ms,
+                max_inflight_batches=s.max_inflight_batches,
+                max_poll_records=s.kafka_max_poll_records,
+                skip_unchanged=s.skip_unchanged,
+                commit_interval_ms=s.commit_interval_ms,
+                shutdown_timeout_s=s.shutdown_timeout_s,
+                unavailable_backoff_s=s.es_unavailable_backoff_s,
+            ),
+            model_name=encoder.metadata.name,
+            stats_factory=stats_factory,
+        )
+        self.consumer.subscribe(s.kafka_topics, listener=self.pipeline)
+        self._pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")
+
+    async def _start_http(self) -> None:
+        s = self.settings
+        api = HttpApi(
+            self.metrics,
+            self.encoder,
+            self.searcher,
+            {
+                "model": self._check_model,
+                "elasticsearch": self._check_es,
+                "kafka": self._check_kafka,
+            },
+            HttpLimits(
+                max_body_bytes=s.http_max_body_bytes,
+                max_query_chars=s.http_max_query_chars,
+                bearer_token=s.http_bearer_token,
+            ),
+        )
+        self._runner = web.AppRunner(api.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.http_host, s.http_port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else s.http_port
+        log.info(
+            "HTTP on http://%s:%s (/metrics /healthz /readyz /encode /search)",
+            s.http_host,
+            self.http_port,
+        )
+
+    async def _check_model(self) -> tuple[bool, str]:
+        return self.encoder is not None, getattr(
+            self.encoder.metadata, "name", ""
+        ) if self.encoder else "not loaded"
+
+    async def _check_es(self) -> tuple[bool, str]:
+        assert self.es is not None
+        ok = bool(await asyncio.wait_for(self.es.ping(), 5))
+        return ok, self.settings.es_url if ok else "ping failed"
+
+    async def _check_kafka(self) -> tuple[bool, str]:
+        if self.consumer is None:
+            return True, "not consuming"
+        topics = await asyncio.wait_for(self.consumer.topics(), 5)
+        missing = [t for t in self.settings.kafka_topics if t not in topics]
+        if self._pipeline_task is not None and self._pipeline_task.done():
+            return False, "pipeline stopped"
+        return True, f"assigned {len(self.consumer.assignment())} partition(s)" + (
+            f"; topics not created yet: {missing}" if missing else ""
+        )
+
+    async def wait(self) -> None:
+        """Until the pipeline ends (after :meth:`stop`, or on a fatal error, which is raised)."""
+        if self._pipeline_task is not None:
+            await self._pipeline_task
+
+    def request_stop(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.stop()
+
+    async def stop(self) -> None:
+        self.request_stop()
+        try:
+            if self._pipeline_task is not None and not self._pipeline_task.done():
+                await self._pipeline_task
+        finally:
+            await self._stop_kafka_clients()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self.es is not None:
+                await self.es.close()
+
+    async def _stop_kafka_clients(self) -> None:
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+
+def _metadata_fields(meta: Any) -> dict[str, Any]:
+    fields = ("name", "architecture", "vocab_size", "max_length", "quantization", "long_text")
+    return {f: getattr(meta, f, "") for f in fields}
+
+
+async def run_forever(settings: Settings) -> int:
+    """``sparse-ingest run``: start, serve until SIGTERM/SIGINT, drain, commit, exit."""
+    service = Service(settings)
+    await service.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    log.info(
+        "consuming %s as group %r -> index %r (dead letters: %s)",
+        settings.kafka_topics,
+        settings.kafka_group_id,
+        settings.es_index,
+        settings.dead_letter_topic,
+    )
+    try:
+        await service.wait()
+    finally:
+        await service.stop()
+    log.info("stopped cleanly")
+    return 0

@@ -1,0 +1,187 @@
+"""Service configuration: one frozen settings object, read from ``SPARSE_INGEST_*`` variables.
+
+Every setting can also come from a dotenv-style file named by ``SPARSE_INGEST_ENV_FILE``.
+Secrets are ``SecretStr``: they print as ``**********`` in logs, errors and ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SPARSE_INGEST_"
+
+
+class ConfigError(ValueError):
+    """Bad configuration. The message names the environment variable and what to do."""
+
+
+def _default_model_dir() -> Path:
+    cache = os.environ.get("SPARSE_INGEST_CACHE")
+    base = Path(cache) if cache else Path.home() / ".cache" / "sparse-ingest"
+    return base / "models" / "splade-tiny-msmarco"
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """All settings of ``sparse-ingest run``. Environment variable = ``SPARSE_INGEST_`` + name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        env_file=os.environ.get("SPARSE_INGEST_ENV_FILE"),
+        protected_namespaces=(),
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_topics: CsvList = Field(default_factory=lambda: ["documents"])
+    kafka_group_id: str = "sparse-ingest"
+    kafka_client_id: str = "sparse-ingest"
+    kafka_dead_letter_topic: str = ""  # default: "<first topic>.dlq"
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_max_poll_records: int = Field(default=2000, ge=1)
+    kafka_session_timeout_ms: int = Field(default=30_000, ge=1000)
+    kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    commit_interval_ms: int = Field(default=1000, ge=0)
+
+    # --- Message contract ---------------------------------------------------------------------
+    id_field: str = "id"
+    text_fields: CsvList = Field(default_factory=lambda: ["title", "body"])
+    version_field: str = "version"
+    version_header: str = "version"
+    max_message_bytes: int = Field(default=1_000_000, ge=1)
+    max_text_chars: int = Field(default=200_000, ge=1)
+
+    # --- Elasticsearch ------------------------------------------------------------------------
+    es_url: str = "http://127.0.0.1:9200"
+    es_index: str = "documents"
+    es_username: str | None = None
+    es_password: SecretStr | None = None
+    es_api_key: SecretStr | None = None
+    es_ca_certs: Path | None = None
+    es_verify_certs: bool = True
+    es_request_timeout_s: float = Field(default=30.0, gt=0)
+    es_create_index: bool = True
+    es_vector_field: str = "tokens"
+    es_number_of_shards: int = Field(default=1, ge=1)
+    es_number_of_replicas: int = Field(default=0, ge=0)
+    es_refresh_interval: str = "1s"
+    es_bulk_chunk_size: int = Field(default=500, ge=1)
+    es_bulk_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    es_bulk_max_retries: int = Field(default=5, ge=0)
+    es_bulk_initial_backoff_s: float = Field(default=0.5, gt=0)
+    es_bulk_max_backoff_s: float = Field(default=10.0, gt=0)
+    es_unavailable_backoff_s: float = Field(default=2.0, gt=0)
+    es_prune_below: float = Field(default=0.0, ge=0.0)
+
+    # --- Encoder ------------------------------------------------------------------------------
+    model_dir: Path = Field(default_factory=_default_model_dir)
+    encoder_threads: int | None = Field(default=None, ge=1)
+    encoder_max_batch_tokens: int = Field(default=16_384, ge=64)
+    encoder_max_batch_docs: int = Field(default=64, ge=1)
+    long_text: Literal["chunk", "truncate"] | None = None
+
+    # --- Batching and pipeline ----------------------------------------------------------------
+    batch_max_docs: int = Field(default=256, ge=1)
+    batch_max_tokens: int = Field(default=65_536, ge=64)
+    batch_linger_ms: int = Field(default=200, ge=0)
+    max_inflight_batches: int = Field(default=2, ge=1)
+    skip_unchanged: bool = True
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    http_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    http_max_query_chars: int = Field(default=2000, ge=1)
+    http_bearer_token: SecretStr | None = None
+
+    _split = field_validator("kafka_topics", "text_fields", mode="before")(_split_list)
+
+    @field_validator("kafka_topics", "text_fields")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one (comma-separated)")
+        return value
+
+    @field_validator("es_index")
+    @classmethod
+    def _valid_index(cls, value: str) -> str:
+        if not value or value != value.lower() or value.startswith(("-", "_", "+")):
+            raise ValueError(
+                "Elasticsearch index names are lowercase and do not start with '-', '_' or '+'"
+            )
+        if any(c in value for c in ' \\/*?"<>|,#:'):
+            raise ValueError('must not contain spaces or any of \\ / * ? " < > | , # :')
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "KAFKA_SECURITY_PROTOCOL is SASL_*: set SPARSE_INGEST_KAFKA_SASL_MECHANISM, "
+                "SPARSE_INGEST_KAFKA_SASL_USERNAME and SPARSE_INGEST_KAFKA_SASL_PASSWORD"
+            )
+        if self.es_password is not None and not self.es_username:
+            raise ValueError(
+                "SPARSE_INGEST_ES_PASSWORD is set but SPARSE_INGEST_ES_USERNAME is not"
+            )
+        if self.es_api_key is not None and self.es_username:
+            raise ValueError(
+                "set either SPARSE_INGEST_ES_API_KEY or SPARSE_INGEST_ES_USERNAME, not both"
+            )
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.kafka_dead_letter_topic or f"{self.kafka_topics[0]}.dlq"
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as a dict fit for logs: secrets stay masked."""
+        return {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
+            var = f"{ENV_PREFIX}{name.upper()}" if name else "configuration"
+            value = err.get("input")
+            secret = not name or name.endswith(("password", "api_key", "token"))
+            shown = "" if secret else f" (got {value!r})"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {var}: {msg}{shown}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

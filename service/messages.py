@@ -1,0 +1,226 @@
+"""The message contract: Kafka record -> an upsert or a delete, or a reason it is bad.
+
+Value: a JSON object with an id field, one or more text fields, an optional integer version
+field, and any other fields (passed through to ``_source``). The Kafka key is the id when the
+value has none. A tombstone (null value) deletes the document named by the key.
+
+Version order (newest wins in Elasticsearch, with external versioning): the value's version
+field, else the version header, else the record's offset within its partition (as Kafka
+Connect's Elasticsearch sink does: then the key must be the id, so that every change of one
+document lands in one partition, in order).
+
+This module is pure: no I/O, so every rule is unit-tested without a broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import xxhash
+
+# Elasticsearch's limits: _id is at most 512 bytes; external versions are non-negative longs.
+MAX_ID_BYTES = 512
+MAX_VERSION = 2**63 - 1
+META_FIELD = "sparse_ingest"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """Where a record came from: enough to find it again (and to report it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+@dataclass(slots=True)
+class Upsert:
+    ref: RecordRef
+    doc_id: str
+    version: int
+    text: str
+    source: dict[str, Any]
+    content_hash: str = ""
+    vector: dict[str, float] | None = None
+
+
+@dataclass(slots=True)
+class Delete:
+    ref: RecordRef
+    doc_id: str
+    version: int
+
+
+Action = Upsert | Delete
+
+
+class BadRecord(Exception):
+    """A record that breaks the contract. ``reason`` is a short stable code (a metric label)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class MessageContract:
+    id_field: str = "id"
+    text_fields: Sequence[str] = ("title", "body")
+    version_field: str = "version"
+    version_header: str = "version"
+    vector_field: str = "tokens"
+    max_message_bytes: int = 1_000_000
+    max_text_chars: int = 200_000
+    reserved: frozenset[str] = field(default_factory=frozenset)
+
+    def reserved_fields(self) -> frozenset[str]:
+        return self.reserved | {self.vector_field, META_FIELD}
+
+
+def _parse_version(raw: object, where: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        if isinstance(raw, str | bytes) and raw.strip().isdigit():
+            raw = int(raw)
+        else:
+            raise BadRecord(
+                "invalid_version", f"{where} must be a non-negative integer, got {raw!r}"
+            )
+    if not 0 <= raw <= MAX_VERSION:
+        raise BadRecord("invalid_version", f"{where} must be in 0..2^63-1, got {raw}")
+    return raw
+
+
+def _header_version(headers: Sequence[tuple[str, bytes]], name: str) -> int | None:
+    for key, value in headers:
+        if key == name and value is not None:
+            try:
+                return _parse_version(value.decode("ascii"), f"header {name!r}")
+            except UnicodeDecodeError:
+                raise BadRecord("invalid_version", f"header {name!r} is not ASCII digits") from None
+    return None
+
+
+def _check_id(raw: object, where: str) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise BadRecord(
+            "invalid_id", f"{where} must be a string or an integer, got {type(raw).__name__}"
+        )
+    doc_id = str(raw)
+    if not doc_id:
+        raise BadRecord("missing_id", f"{where} is empty")
+    if len(doc_id.encode("utf-8")) > MAX_ID_BYTES:
+        raise BadRecord("invalid_id", f"{where} is longer than {MAX_ID_BYTES} bytes")
+    return doc_id
+
+
+def decode_record(
+    contract: MessageContract,
+    ref: RecordRef,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]] = (),
+) -> Action:
+    """Turn one Kafka record into an action, or raise :class:`BadRecord` saying why not."""
+    if value is None:
+        if not key:
+            raise BadRecord(
+                "tombstone_without_key", "a null value (delete) needs the id as the key"
+            )
+        try:
+            doc_id = _check_id(key.decode("utf-8"), "the key")
+        except UnicodeDecodeError:
+            raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
+        version = _header_version(headers, contract.version_header)
+        return Delete(ref, doc_id, ref.offset if version is None else version)
+
+    if len(value) > contract.max_message_bytes:
+        raise BadRecord(
+            "too_large",
+            f"value is {len(value)} bytes, over SPARSE_INGEST_MAX_MESSAGE_BYTES={contract.max_message_bytes}",
+        )
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord(
+            "invalid_utf8", f"value is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadRecord("invalid_json", f"value is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRecord("not_an_object", f"value must be a JSON object, got {type(doc).__name__}")
+
+    clash = contract.reserved_fields().intersection(doc)
+    if clash:
+        raise BadRecord("reserved_field", f"field(s) {sorted(clash)} are written by the service")
+
+    raw_id = doc.get(contract.id_field)
+    if raw_id is not None:
+        doc_id = _check_id(raw_id, f"field {contract.id_field!r}")
+    elif key:
+        try:
+            doc_id = _check_id(key.decode("utf-8"), "the key")
+        except UnicodeDecodeError:
+            raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
+    else:
+        raise BadRecord("missing_id", f"no {contract.id_field!r} field and no key")
+
+    raw_version = doc.get(contract.version_field)
+    if raw_version is not None:
+        version = _parse_version(raw_version, f"field {contract.version_field!r}")
+    else:
+        header = _header_version(headers, contract.version_header)
+        version = ref.offset if header is None else header
+
+    parts: list[str] = []
+    for name in contract.text_fields:
+        text = doc.get(name)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise BadRecord(
+                "wrong_type", f"field {name!r} must be a string, got {type(text).__name__}"
+            )
+        if text.strip():
+            parts.append(text)
+    if not parts:
+        raise BadRecord(
+            "missing_text", f"none of the text fields {list(contract.text_fields)} has any text"
+        )
+    text = " ".join(parts)
+    if len(text) > contract.max_text_chars:
+        raise BadRecord(
+            "text_too_long",
+            f"text is {len(text)} characters, over SPARSE_INGEST_MAX_TEXT_CHARS={contract.max_text_chars}",
+        )
+    return Upsert(ref, doc_id, version, text, doc)
+
+
+def content_hash(model_name: str, text: str) -> str:
+    """Identifies what the vector was computed from: the text and the model."""
+    return xxhash.xxh3_128_hexdigest(f"{model_name}\x1f{text}".encode())
+
+
+def newest_per_id(actions: Sequence[Action]) -> list[Action]:
+    """Keep only the newest change of each id (highest version, then latest offset).
+
+    The order of first appearance is kept, so output is deterministic.
+    """
+    best: dict[str, Action] = {}
+    for action in actions:
+        current = best.get(action.doc_id)
+        if current is None or (action.version, action.ref.offset) >= (
+            current.version,
+            current.ref.offset,
+        ):
+            best[action.doc_id] = action
+    return list(best.values())

@@ -1,0 +1,262 @@
+"""Elasticsearch side: the index and its mapping, content-hash look-ups, versioned bulk writes.
+
+Writes use ``elasticsearch.helpers.async_streaming_bulk`` (it chunks by count and bytes and
+retries 429s with exponential backoff). Every write carries an external version, so a change
+that arrives late or twice never replaces a newer one: Elasticsearch answers 409 and we count
+the item as stale. Failures that are the document's fault (a mapping error, say) are returned
+to the caller for the dead-letter topic; failures that are Elasticsearch's (429 after the
+retries, 5xx, unreachable) are returned as retriable, and the caller retries the batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from elasticsearch import AsyncElasticsearch
+from elasticsearch.helpers import async_streaming_bulk
+
+from service.messages import META_FIELD, Action, Delete, Upsert
+
+log = logging.getLogger(__name__)
+
+# Item statuses that mean "try again later", not "this document is bad".
+RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class SinkUnavailable(Exception):
+    """Elasticsearch could not take the batch now; retry later (nothing is lost)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexConfig:
+    index: str
+    vector_field: str = "tokens"
+    text_fields: Sequence[str] = ("title", "body")
+    number_of_shards: int = 1
+    number_of_replicas: int = 0
+    refresh_interval: str = "1s"
+    prune_below: float = 0.0
+
+    def body(self) -> dict[str, Any]:
+        properties: dict[str, Any] = {
+            self.vector_field: {"type": "sparse_vector"},
+            META_FIELD: {
+                "properties": {
+                    "content_hash": {"type": "keyword", "index": False},
+                    "model": {"type": "keyword"},
+                    "topic": {"type": "keyword"},
+                    "partition": {"type": "integer"},
+                    "offset": {"type": "long"},
+                    "version": {"type": "long"},
+                    "indexed_at": {"type": "date"},
+                }
+            },
+        }
+        for name in self.text_fields:
+            properties[name] = {"type": "text"}
+        return {
+            "settings": {
+                "number_of_shards": self.number_of_shards,
+                "number_of_replicas": self.number_of_replicas,
+                "refresh_interval": self.refresh_interval,
+            },
+            "mappings": {"properties": properties},
+        }
+
+
+@dataclass(slots=True)
+class WriteOutcome:
+    indexed: list[Upsert] = field(default_factory=list)
+    deleted: list[Delete] = field(default_factory=list)
+    not_found: list[Delete] = field(default_factory=list)
+    stale: list[Action] = field(default_factory=list)
+    rejected: list[tuple[Action, str, str]] = field(default_factory=list)  # action, reason, detail
+    retry: list[tuple[Action, str]] = field(default_factory=list)  # action, reason
+
+
+def es_features(vector: dict[str, float], prune_below: float = 0.0) -> dict[str, float]:
+    """The token weights as written to the ``sparse_vector`` field (optionally pruned)."""
+    if prune_below <= 0.0:
+        return vector
+    return {k: w for k, w in vector.items() if w >= prune_below}
+
+
+def _error_reason(info: dict[str, Any]) -> tuple[str, str]:
+    error = info.get("error")
+    if isinstance(error, dict):
+        kind = str(error.get("type", "unknown"))
+        detail = str(error.get("reason", ""))
+        cause = error.get("caused_by")
+        if isinstance(cause, dict) and cause.get("reason"):
+            detail = f"{detail} (caused by {cause.get('type')}: {cause.get('reason')})"
+        return kind, detail
+    if "exception" in info:
+        exc = info["exception"]
+        return type(exc).__name__, str(error or exc)
+    return "unknown", str(error)
+
+
+class ElasticsearchSink:
+    def __init__(
+        self,
+        client: AsyncElasticsearch,
+        config: IndexConfig,
+        *,
+        model_name: str,
+        chunk_size: int = 500,
+        max_chunk_bytes: int = 20 * 1024 * 1024,
+        max_retries: int = 5,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.model_name = model_name
+        self._bulk_options = {
+            "chunk_size": chunk_size,
+            "max_chunk_bytes": max_chunk_bytes,
+            "max_retries": max_retries,
+            "initial_backoff": initial_backoff,
+            "max_backoff": max_backoff,
+        }
+
+    async def ensure_index(self, create: bool = True) -> None:
+        """Create the index with its mapping when missing; check the vector field when present."""
+        index = self.config.index
+        if await self.client.indices.exists(index=index):
+            mapping = await self.client.indices.get_mapping(index=index)
+            for name, body in mapping.body.items():
+                props = body.get("mappings", {}).get("properties", {})
+                kind = props.get(self.config.vector_field, {}).get("type")
+                if kind not in (None, "sparse_vector"):
+                    raise ValueError(
+                        f"index {name!r} maps field {self.config.vector_field!r} as {kind!r}, "
+                        "not 'sparse_vector': choose another SPARSE_INGEST_ES_VECTOR_FIELD or index"
+                    )
+                if kind is None:
+                    await self.client.indices.put_mapping(
+                        index=name,
+                        properties={self.config.vector_field: {"type": "sparse_vector"}},
+                    )
+            return
+        if not create:
+            raise ValueError(
+                f"index {index!r} does not exist and SPARSE_INGEST_ES_CREATE_INDEX is false"
+            )
+        body = self.config.body()
+        try:
+            await self.client.indices.create(
+                index=index, settings=body["settings"], mappings=body["mappings"]
+            )
+            log.info("created index %s", index)
+        except Exception as exc:  # another replica may have created it first
+            if "resource_already_exists_exception" not in str(exc):
+                raise
+
+    async def lookup(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, float]]]:
+        """Content hash and vector of the stored documents with these ids (those that exist)."""
+        if not ids:
+            return {}
+        resp = await self.client.mget(
+            index=self.config.index,
+            ids=list(ids),
+            source_includes=[f"{META_FIELD}.content_hash", self.config.vector_field],
+        )
+        found: dict[str, tuple[str, dict[str, float]]] = {}
+        for doc in resp.body.get("docs", []):
+            if not doc.get("found"):
+                continue
+            src = doc.get("_source", {})
+            digest = src.get(META_FIELD, {}).get("content_hash")
+            vector = src.get(self.config.vector_field)
+            if digest and isinstance(vector, dict):
+                found[doc["_id"]] = (digest, vector)
+        return found
+
+    def _bulk_action(self, action: Action, now: str) -> dict[str, Any]:
+        head: dict[str, Any] = {
+            "_index": self.config.index,
+            "_id": action.doc_id,
+            "version": action.version,
+            "version_type": "external",
+        }
+        if isinstance(action, Delete):
+            head["_op_type"] = "delete"
+            return head
+        assert action.vector is not None, "upsert written before it was encoded"
+        source = dict(action.source)
+        source[self.config.vector_field] = es_features(action.vector, self.config.prune_below)
+        source[META_FIELD] = {
+            "content_hash": action.content_hash,
+            "model": self.model_name,
+            "topic": action.ref.topic,
+            "partition": action.ref.partition,
+            "offset": action.ref.offset,
+            "version": action.version,
+            "indexed_at": now,
+        }
+        head["_op_type"] = "index"
+        head["_source"] = source
+        return head
+
+    async def write(self, actions: Sequence[Action]) -> WriteOutcome:
+        """Write one batch (at most one action per id). Classifies every item's result.
+
+        Raises :class:`SinkUnavailable` when the request itself could not be made.
+        """
+        outcome = WriteOutcome()
+        if not actions:
+            return outcome
+        by_id = {a.doc_id: a for a in actions}
+        now = dt.datetime.now(dt.UTC).isoformat()
+        bulk: Iterable[dict[str, Any]] = (self._bulk_action(a, now) for a in actions)
+        seen = 0
+        try:
+            async for ok, item in async_streaming_bulk(
+                self.client,
+                bulk,
+                raise_on_error=False,
+                raise_on_exception=False,
+                yield_ok=True,
+                **self._bulk_options,  # type: ignore[arg-type]
+            ):
+                seen += 1
+                op, info = next(iter(item.items()))
+                action = by_id[info["_id"]]
+                status = info.get("status")
+                if ok:
+                    if isinstance(action, Delete):
+                        outcome.deleted.append(action)
+                    else:
+                        outcome.indexed.append(action)
+                elif status == 404 and isinstance(action, Delete):
+                    outcome.not_found.append(action)
+                elif status == 409:
+                    outcome.stale.append(action)
+                elif status is None or status in RETRIABLE_STATUSES:
+                    reason, _ = _error_reason(info)
+                    outcome.retry.append((action, reason))
+                else:
+                    reason, detail = _error_reason(info)
+                    outcome.rejected.append((action, reason, f"{op} failed ({status}): {detail}"))
+        except Exception as exc:  # connection refused, timeout: nothing known about the items
+            raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if seen != len(actions):  # defensive: never let an item go unaccounted
+            missing = set(by_id) - {a.doc_id for a in _all(outcome)}
+            outcome.retry.extend((by_id[i], "no_result") for i in missing)
+        return outcome
+
+
+def _all(outcome: WriteOutcome) -> Iterable[Action]:
+    yield from outcome.indexed
+    yield from outcome.deleted
+    yield from outcome.not_found
+    yield from outcome.stale
+    for action, _, _ in outcome.rejected:
+        yield action
+    for action, _ in outcome.retry:
+        yield action
