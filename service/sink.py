@@ -23,8 +23,21 @@ from service.messages import META_FIELD, Action, Delete, Upsert
 
 log = logging.getLogger(__name__)
 
-# Item statuses that mean "try again later", not "this document is bad".
-RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A failed item is the document's fault (dead-letter it) only when Elasticsearch says the
+# request was bad (400, 413) for a reason about the document. Everything else (429, 5xx,
+# blocks, missing privileges, a missing index) is the cluster's state: retry, never drop.
+DOCUMENT_FAULT_STATUSES = frozenset({400, 413})
+CLUSTER_ERROR_TYPES = frozenset(
+    {
+        "cluster_block_exception",
+        "es_rejected_execution_exception",
+        "circuit_breaking_exception",
+        "unavailable_shards_exception",
+        "no_shard_available_action_exception",
+        "process_cluster_event_timeout_exception",
+        "index_not_found_exception",
+    }
+)
 
 
 class SinkUnavailable(Exception):
@@ -237,12 +250,14 @@ class ElasticsearchSink:
                     outcome.not_found.append(action)
                 elif status == 409:
                     outcome.stale.append(action)
-                elif status is None or status in RETRIABLE_STATUSES:
-                    reason, _ = _error_reason(info)
-                    outcome.retry.append((action, reason))
                 else:
                     reason, detail = _error_reason(info)
-                    outcome.rejected.append((action, reason, f"{op} failed ({status}): {detail}"))
+                    if status in DOCUMENT_FAULT_STATUSES and reason not in CLUSTER_ERROR_TYPES:
+                        outcome.rejected.append(
+                            (action, reason, f"{op} failed ({status}): {detail}")
+                        )
+                    else:
+                        outcome.retry.append((action, reason))
         except Exception as exc:  # connection refused, timeout: nothing known about the items
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if seen != len(actions):  # defensive: never let an item go unaccounted

@@ -1,0 +1,158 @@
+"""Helpers for tests that run the service in-process against the real local stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.app import Service
+from service.config import Settings, load_settings
+
+Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
+def doc(doc_id: str | None, body: str, **extra: Any) -> Record:
+    """A JSON document record keyed by its id."""
+    value: dict[str, Any] = {"body": body, **extra}
+    if doc_id is not None:
+        value["id"] = doc_id
+    return (doc_id.encode() if doc_id else None, orjson.dumps(value), [])
+
+
+def tombstone(doc_id: str, version: int | None = None) -> Record:
+    headers = [] if version is None else [("version", str(version).encode())]
+    return (doc_id.encode(), None, headers)
+
+
+def service_settings(kafka: str, es_url: str, topic: str, index: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": kafka,
+        "kafka_topics": [topic],
+        "kafka_group_id": f"{topic}-group",
+        "es_url": es_url,
+        "es_index": index,
+        "http_port": 0,
+        "batch_linger_ms": 50,
+        "commit_interval_ms": 200,
+        "es_refresh_interval": "200ms",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+async def create_topic(kafka: str, topic: str, partitions: int = 4) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def produce(
+    kafka: str, topic: str, records: Iterable[Record], partition: int | None = None
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value=v, key=k, headers=h, partition=partition)
+            for k, v, h in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def end_offsets(kafka: str, topic: str) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
+async def committed(
+    kafka: str, group: str, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=list(tps))
+        return {tp: meta.offset for tp, meta in offsets.items()}
+    finally:
+        await admin.close()
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout: float = 60.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def wait_all_committed(kafka: str, group: str, topic: str, timeout: float = 90.0) -> None:
+    ends = await end_offsets(kafka, topic)
+
+    async def done() -> bool:
+        got = await committed(kafka, group, list(ends))
+        return all(got.get(tp, -1) >= end for tp, end in ends.items())
+
+    await wait_until(done, timeout, f"group {group} to commit {topic} to the end")
+
+
+async def read_topic(kafka: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                out.extend(recs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_service(settings: Settings, encoder: Any) -> AsyncIterator[Service]:
+    service = Service(settings, encoder=encoder)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    dot = sum(w * b.get(k, 0.0) for k, w in a.items())
+    na = sum(w * w for w in a.values()) ** 0.5
+    nb = sum(w * w for w in b.values()) ** 0.5
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def metric(service: Service, name: str, labels: dict[str, str] | None = None) -> float:
+    value = service.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
