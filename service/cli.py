@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-_CONTRIBUTORS = ("encoder.cli", "deploy.local.cli", "service.commands")
+_CONTRIBUTORS = ("encoder.cli", "deploy.local.cli", "service.commands", "service.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
