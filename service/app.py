@@ -83,7 +83,10 @@ def load_encoder(settings: Settings) -> Any:
 async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) -> str:
     """Return the cluster version, or raise :class:`StartupError` saying what to fix."""
     try:
-        info = await client.info()
+        # Not `GET /` (info) or `HEAD /` (ping): their handler lives in the rest-root module,
+        # which minimal distributions (such as the integ-test zip) leave out.
+        await client.cluster.health()
+        nodes = await client.nodes.info(node_id="_local", metric="process")
     except AuthenticationException:
         raise StartupError(
             f"Elasticsearch at {settings.es_url} refused the credentials: check "
@@ -97,7 +100,8 @@ async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) ->
             f"cannot reach Elasticsearch at {settings.es_url} (SPARSE_INGEST_ES_URL){hint}: "
             f"{type(exc).__name__}"
         ) from None
-    return str(info["version"]["number"])
+    versions = {n.get("version", "?") for n in nodes.body.get("nodes", {}).values()}
+    return ", ".join(sorted(versions)) or "unknown"
 
 
 class Service:
@@ -267,8 +271,9 @@ class Service:
 
     async def _check_es(self) -> tuple[bool, str]:
         assert self.es is not None
-        ok = bool(await asyncio.wait_for(self.es.ping(), 5))
-        return ok, self.settings.es_url if ok else "ping failed"
+        health = await asyncio.wait_for(self.es.cluster.health(), 5)
+        status = str(health.get("status"))
+        return status in ("green", "yellow"), f"{self.settings.es_url} cluster {status}"
 
     async def _check_kafka(self) -> tuple[bool, str]:
         if self.consumer is None:

@@ -174,10 +174,17 @@ class ElasticsearchSink:
         """Content hash and vector of the stored documents with these ids (those that exist)."""
         if not ids:
             return {}
-        resp = await self.client.mget(
-            index=self.config.index,
-            ids=list(ids),
-            source_includes=[f"{META_FIELD}.content_hash", self.config.vector_field],
+        # Elasticsearch 9 leaves vectors out of _source unless asked; the client's mget() has
+        # no argument for it, so the request is made directly. mget is real-time (no refresh).
+        resp = await self.client.perform_request(
+            "POST",
+            f"/{self.config.index}/_mget",
+            params={
+                "_source_includes": f"{META_FIELD}.content_hash,{self.config.vector_field}",
+                "_source_exclude_vectors": "false",
+            },
+            headers={"accept": "application/json", "content-type": "application/json"},
+            body={"ids": list(ids)},
         )
         found: dict[str, tuple[str, dict[str, float]]] = {}
         for doc in resp.body.get("docs", []):

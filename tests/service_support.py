@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from service.app import Service
 from service.config import Settings, load_settings
@@ -71,15 +72,28 @@ async def produce(
         await producer.stop()
 
 
+async def partitions(kafka: str, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        for _ in range(50):
+            described = await admin.describe_topics([topic])
+            parts = [
+                p["partition"] for t in described if t["topic"] == topic for p in t["partitions"]
+            ]
+            if parts:
+                return [TopicPartition(topic, p) for p in sorted(parts)]
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    raise AssertionError(f"topic {topic} has no partitions")
+
+
 async def end_offsets(kafka: str, topic: str) -> dict[TopicPartition, int]:
+    tps = await partitions(kafka, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer.topics()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
         return dict(await consumer.end_offsets(tps))
     finally:
         await consumer.stop()
@@ -102,8 +116,12 @@ async def wait_until(
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if await check():
-            return
+        try:
+            if await check():
+                return
+        except KafkaError as exc:  # e.g. the group coordinator is still loading
+            if not exc.retriable:
+                raise
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(0.2)
