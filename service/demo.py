@@ -30,9 +30,9 @@ from service.demo_corpus import stdlib_documents
 
 # Paraphrase queries: the words of the query rarely occur in the text that answers them.
 CANDIDATE_QUERIES = (
+    "leap february",
     "shrink archives",
     "dice roll chance",
-    "leap february",
     "fingerprint digest",
     "spawn child program",
     "shuffle deck",
