@@ -1,0 +1,743 @@
+"""The local stack: single-node Kafka (KRaft) + single-node Elasticsearch (+ Prometheus).
+
+Every service runs in its own session (process group) so that ``down`` can stop the whole
+group by PID from any shell; PIDs, ports and URLs are kept in ``<run_dir>/state.json``.
+
+Elasticsearch refuses to run as root. When this runs as root, Elasticsearch runs as the
+system user ``sparseingest`` (created with ``useradd`` if missing), and since root's home is
+not readable by other users, its distribution (hard links to the cache) and its per-run
+directories (config, data, logs, tmp) live under ``/var/lib/sparse-ingest``
+(``$SPARSE_INGEST_ES_BASE``); ``<run_dir>/elasticsearch`` is then a symlink to that place.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from deploy.local import artifacts as fetching
+from deploy.local import probes
+from deploy.local.errors import ServiceStartError, StackAlreadyRunningError, StackError
+from deploy.local.java import JavaInfo, find_java
+from deploy.local.paths import DEFAULT_STACK_NAME, cache_dir, default_run_dir
+from deploy.local.procs import alive, pick_port, process_start_time, stop_group, tail
+from deploy.local.versions import (
+    ELASTICSEARCH_MIN_JAVA,
+    ELASTICSEARCH_VERSION,
+    KAFKA_MIN_JAVA,
+    KAFKA_VERSION,
+)
+
+Log = Callable[[str], None]
+HOST = "127.0.0.1"
+ES_USER = "sparseingest"
+ES_BASE_ENV = "SPARSE_INGEST_ES_BASE"
+DEFAULT_ES_BASE = Path("/var/lib/sparse-ingest")
+KAFKA_PARTITIONS = 4
+SERVICES = ("kafka", "elasticsearch", "prometheus")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class StackInfo:
+    """How to reach a running stack. ``None`` for a service that is not running."""
+
+    name: str
+    run_dir: Path
+    kafka_bootstrap: str | None = None  # "127.0.0.1:PORT"
+    es_url: str | None = None  # "http://127.0.0.1:PORT"
+    prometheus_url: str | None = None  # "http://127.0.0.1:PORT"
+    kafka_log: Path | None = None
+    es_log: Path | None = None
+    prometheus_log: Path | None = None
+    es_auth: tuple[str, str] | None = None  # (user, password) when security is on
+    versions: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+        if self.es_auth is not None:
+            data["es_auth"] = list(self.es_auth)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StackInfo:
+        def path(key: str) -> Path | None:
+            return Path(data[key]) if data.get(key) else None
+
+        auth = data.get("es_auth")
+        return cls(
+            name=data["name"],
+            run_dir=Path(data["run_dir"]),
+            kafka_bootstrap=data.get("kafka_bootstrap"),
+            es_url=data.get("es_url"),
+            prometheus_url=data.get("prometheus_url"),
+            kafka_log=path("kafka_log"),
+            es_log=path("es_log"),
+            prometheus_log=path("prometheus_log"),
+            es_auth=(auth[0], auth[1]) if auth else None,
+            versions=dict(data.get("versions", {})),
+            pids={k: int(v) for k, v in data.get("pids", {}).items()},
+        )
+
+    def describe(self) -> str:
+        lines = [f"stack {self.name!r} (run dir {self.run_dir})"]
+        if self.kafka_bootstrap:
+            lines.append(f"  kafka:         bootstrap servers {self.kafka_bootstrap}")
+            lines.append(f"                 log {self.kafka_log}")
+        if self.es_url:
+            auth = f" (user {self.es_auth[0]}, password {self.es_auth[1]})" if self.es_auth else ""
+            lines.append(f"  elasticsearch: {self.es_url}{auth}")
+            lines.append(f"                 log {self.es_log}")
+        if self.prometheus_url:
+            lines.append(f"  prometheus:    {self.prometheus_url}")
+            lines.append(f"                 log {self.prometheus_log}")
+        if self.versions:
+            text = ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))
+            lines.append(f"  versions:      {text}")
+        return "\n".join(lines)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the test fixtures at this stack."""
+        env = {}
+        if self.kafka_bootstrap:
+            env["SPARSE_INGEST_TEST_KAFKA"] = self.kafka_bootstrap
+        if self.es_url:
+            env["SPARSE_INGEST_TEST_ES"] = self.es_url
+        return env
+
+
+@dataclass
+class ServiceStatus:
+    service: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    url: str | None
+    log: str | None
+
+    def describe(self) -> str:
+        state = "healthy" if self.healthy else ("running, NOT healthy" if self.running else "DEAD")
+        return f"  {self.service:<14} pid {self.pid}  {state:<22} {self.url or ''}"
+
+
+@dataclass
+class StackStatus:
+    name: str
+    run_dir: Path
+    services: list[ServiceStatus]
+
+    @property
+    def healthy(self) -> bool:
+        """True if something is recorded and all of it is running and healthy."""
+        return bool(self.services) and all(s.healthy for s in self.services)
+
+    @property
+    def running(self) -> bool:
+        return any(s.running for s in self.services)
+
+    def describe(self) -> str:
+        if not self.services:
+            return f"stack {self.name!r}: nothing running (no state in {self.run_dir})"
+        lines = [f"stack {self.name!r} (run dir {self.run_dir})"]
+        lines += [s.describe() for s in self.services]
+        return "\n".join(lines)
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", text).strip("-")[:40] or "stack"
+
+
+def ensure_system_user(name: str, home: Path) -> tuple[int, int]:
+    """The uid/gid of system user ``name``, creating it (``useradd --system``) if needed."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        cmd = [useradd, "--system", "--user-group", "--no-create-home"]
+        cmd += ["--home-dir", str(home), "--shell", "/usr/sbin/nologin", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode not in (0, 9):  # 9: exists (a concurrent creation)
+            raise StackError(
+                f"Elasticsearch refuses to run as root and creating the user {name!r} failed "
+                f"({' '.join(cmd)}: {proc.stderr.strip()}). Create it yourself or run as a "
+                "normal user."
+            ) from None
+        entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+class LocalStack:
+    """A named local stack with its state in ``run_dir``.
+
+    >>> with LocalStack(name="dev") as stack:   # up() on enter, down() on exit
+    ...     print(stack.info.kafka_bootstrap, stack.info.es_url)
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_STACK_NAME,
+        run_dir: str | Path | None = None,
+        *,
+        cache: str | Path | None = None,
+        kafka_port: int | None = None,
+        es_port: int | None = None,
+        prometheus_port: int | None = None,
+        java_home: str | Path | None = None,
+        kafka_partitions: int = KAFKA_PARTITIONS,
+        kafka_heap: str = "512m",
+        es_heap: str = "1g",
+        security: bool = False,
+        startup_timeout: float = 180.0,
+        log: Log = _quiet,
+    ) -> None:
+        self.name = name
+        self.run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(name)
+        self.cache = Path(cache).resolve() if cache else cache_dir()
+        self.kafka_port = kafka_port
+        self.es_port = es_port
+        self.prometheus_port = prometheus_port
+        self.java_home = java_home
+        self.kafka_partitions = kafka_partitions
+        self.kafka_heap = kafka_heap
+        self.es_heap = es_heap
+        self.security = security
+        self.startup_timeout = startup_timeout
+        self.log = log
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {"services": {}}
+        data.setdefault("services", {})
+        return data
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.state_file)
+
+    @property
+    def info(self) -> StackInfo:
+        """What ``state.json`` says (raises StackError if there is none)."""
+        state = self._load_state()
+        if "info" not in state:
+            raise StackError(f"stack {self.name!r} is not up (no state in {self.run_dir})")
+        return StackInfo.from_dict(state["info"])
+
+    # ------------------------------------------------------------------ fetch
+    def fetch(
+        self, kafka: bool = True, elasticsearch: bool = True, java: bool = True
+    ) -> fetching.FetchResult:
+        return fetching.fetch(kafka, elasticsearch, java, cache=self.cache, log=self.log)
+
+    # ------------------------------------------------------------------ up
+    def up(
+        self,
+        kafka: bool = True,
+        elasticsearch: bool = True,
+        prometheus: bool = False,
+        prometheus_config: str | Path | None = None,
+    ) -> StackInfo:
+        """Start what is asked for, wait until each is ready, and return how to reach it.
+
+        Idempotent when the same services are already up and healthy; raises
+        StackAlreadyRunningError when something else is running from this run dir.
+        """
+        wanted = [
+            s for s, on in zip(SERVICES, (kafka, elasticsearch, prometheus), strict=True) if on
+        ]
+        if not wanted:
+            raise StackError("nothing to start: all of Kafka, Elasticsearch, Prometheus are off")
+        existing = self.status()
+        if existing.running:
+            recorded = {s.service for s in existing.services}
+            if existing.healthy and set(wanted) <= recorded:
+                self.log(f"stack {self.name!r} is already up")
+                return self.info
+            raise StackAlreadyRunningError(
+                f"stack {self.name!r} already has processes running from {self.run_dir}:\n"
+                f"{existing.describe()}\nRun `sparse-ingest stack down --name {self.name}` first."
+            )
+        started = time.monotonic()
+        self.fetch(kafka=kafka, elasticsearch=elasticsearch, java=kafka or elasticsearch)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        info = StackInfo(name=self.name, run_dir=self.run_dir)
+        state: dict[str, Any] = {"name": self.name, "run_dir": str(self.run_dir), "services": {}}
+        self._save_state(state)
+        taken: set[int] = set()
+        waits: list[tuple[str, Callable[[], bool], Path]] = []
+        try:
+            if kafka:
+                waits.append(self._start_kafka(info, state, taken))
+            if elasticsearch:
+                waits.append(self._start_elasticsearch(info, state, taken))
+            if prometheus:
+                waits.append(self._start_prometheus(info, state, taken, prometheus_config))
+            self._wait_ready(waits, state)
+        except BaseException:
+            self._stop_services(state, timeout=15.0)
+            self._save_state({**state, "services": {}})
+            raise
+        info.versions["startup_seconds"] = f"{time.monotonic() - started:.1f}"
+        state["info"] = info.to_dict()
+        self._save_state(state)
+        return info
+
+    def _spawn(
+        self,
+        service: str,
+        cmd: list[str],
+        log_file: Path,
+        state: dict[str, Any],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        user: tuple[int, int] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,  # own process group: down() stops the whole group
+                user=user[0] if user else None,
+                group=user[1] if user else None,
+                extra_groups=[] if user else None,
+            )
+        self._children.append(proc)
+        state["services"][service] = {
+            "pid": proc.pid,
+            "start_time": process_start_time(proc.pid),
+            "cmd": cmd,
+            **(extra or {}),
+        }
+        self._save_state(state)
+        return proc
+
+    def _java(self, min_feature: int) -> JavaInfo:
+        return find_java(min_feature, self.java_home, allow_download=True)
+
+    # ------------------------------------------------------------------ kafka
+    def _start_kafka(
+        self, info: StackInfo, state: dict[str, Any], taken: set[int]
+    ) -> tuple[str, Callable[[], bool], Path]:
+        java = self._java(KAFKA_MIN_JAVA)
+        port = pick_port(self.kafka_port, "Kafka", taken)
+        controller_port = pick_port(None, "Kafka controller", taken)
+        kdir = self.run_dir / "kafka"
+        shutil.rmtree(kdir, ignore_errors=True)
+        (kdir / "data").mkdir(parents=True)
+        (kdir / "logs").mkdir()
+        props = kdir / "server.properties"
+        props.write_text(
+            "\n".join(
+                [
+                    "# generated by deploy.local: single-node KRaft (broker + controller)",
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.bootstrap.servers={HOST}:{controller_port}",
+                    f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{HOST}:{port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"log.dirs={kdir / 'data'}",
+                    f"num.partitions={self.kafka_partitions}",
+                    "default.replication.factor=1",
+                    "min.insync.replicas=1",
+                    "auto.create.topics.enable=true",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=8",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=4",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "log.retention.hours=24",
+                    "",
+                ]
+            )
+        )
+        log4j = kdir / "log4j2.properties"
+        server_log = kdir / "logs" / "server.log"
+        log4j.write_text(
+            "\n".join(
+                [
+                    "status = warn",
+                    "appender.file.type = File",
+                    "appender.file.name = file",
+                    f"appender.file.fileName = {server_log}",
+                    "appender.file.layout.type = PatternLayout",
+                    "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                    "rootLogger.level = info",
+                    "rootLogger.appenderRef.file.ref = file",
+                    "logger.kafka.name = kafka",
+                    "logger.kafka.level = info",
+                    "logger.state.name = state.change.logger",
+                    "logger.state.level = warn",
+                    "",
+                ]
+            )
+        )
+        libs = fetching.kafka_libs_dir(self.cache)
+        base = [str(java.java), f"-Dlog4j2.configurationFile={log4j}"]
+        base += [f"-Dkafka.logs.dir={kdir / 'logs'}", "-cp", f"{libs}/*"]
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        fmt = [*base, "-Xmx256m", "kafka.tools.StorageTool", "format", "--standalone"]
+        fmt += ["-t", cluster_id, "-c", str(props)]
+        self.log(f"formatting Kafka storage (cluster id {cluster_id}) ...")
+        proc = subprocess.run(fmt, capture_output=True, text=True, check=False, timeout=180)
+        if proc.returncode != 0:
+            raise ServiceStartError(
+                f"formatting Kafka's KRaft storage failed (exit {proc.returncode}) with "
+                f"{java.describe()}:\n$ {' '.join(fmt)}\n"
+                + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            )
+        stdout_log = kdir / "logs" / "stdout.log"
+        cmd = [*base[:1], f"-Xms{self.kafka_heap}", f"-Xmx{self.kafka_heap}", "-XX:+UseG1GC"]
+        cmd += ["-Djava.awt.headless=true", *base[1:], "kafka.Kafka", str(props)]
+        self.log(f"starting Kafka {KAFKA_VERSION} on {HOST}:{port} ({java.describe()}) ...")
+        self._spawn(
+            "kafka",
+            cmd,
+            stdout_log,
+            state,
+            cwd=kdir,
+            extra={"port": port, "controller_port": controller_port, "log": str(server_log)},
+        )
+        info.kafka_bootstrap = f"{HOST}:{port}"
+        info.kafka_log = server_log
+        info.versions["kafka"] = KAFKA_VERSION
+        info.versions["kafka_java"] = java.version
+        bootstrap = info.kafka_bootstrap
+        return "kafka", lambda: probes.kafka_ready(bootstrap, 3.0), stdout_log
+
+    # ------------------------------------------------------------------ elasticsearch
+    def _es_dirs(self) -> tuple[Path, Path, tuple[int, int] | None]:
+        """(distribution home, per-run work dir, (uid, gid) to run as or None)."""
+        home = fetching.elasticsearch_home_dir(self.cache)
+        if not _running_as_root():
+            return home, self.run_dir / "elasticsearch", None
+        base = Path(os.environ.get(ES_BASE_ENV) or DEFAULT_ES_BASE)
+        uid, gid = ensure_system_user(ES_USER, base)
+        base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)
+        dist = base / "dist" / home.name
+        if not (dist / fetching.MARKER).is_file():
+            self.log(f"staging Elasticsearch for user {ES_USER} in {dist} ...")
+            shutil.rmtree(dist, ignore_errors=True)
+            dist.parent.mkdir(parents=True, exist_ok=True)
+            dist.parent.chmod(0o755)
+            shutil.copytree(home, dist, symlinks=True, copy_function=_link_or_copy)
+        digest = hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:10]
+        work = base / "runs" / f"{_slug(self.name)}-{digest}"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        return dist, work, (uid, gid)
+
+    def _start_elasticsearch(
+        self, info: StackInfo, state: dict[str, Any], taken: set[int]
+    ) -> tuple[str, Callable[[], bool], Path]:
+        java = self._java(ELASTICSEARCH_MIN_JAVA)
+        http_port = pick_port(self.es_port, "Elasticsearch HTTP", taken)
+        transport_port = pick_port(None, "Elasticsearch transport", taken)
+        home, work, user = self._es_dirs()
+        shutil.rmtree(work, ignore_errors=True)
+        link = self.run_dir / "elasticsearch"
+        if work != link:
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            elif link.is_dir():
+                shutil.rmtree(link)
+            link.symlink_to(work, target_is_directory=True)
+        conf, data, logs, tmp = (work / d for d in ("config", "data", "logs", "tmp"))
+        for d in (data, logs, tmp):
+            d.mkdir(parents=True)
+        shutil.copytree(home / "config", conf)
+        jvm_options = (conf / "jvm.options").read_text()
+        if not _java_has_module(java, "jdk.incubator.vector"):
+            jvm_options = jvm_options.replace("--add-modules=jdk.incubator.vector", "")
+        (conf / "jvm.options").write_text(jvm_options)
+        cluster = f"sparse-ingest-{_slug(self.name)}"
+        settings = {
+            "cluster.name": cluster,
+            "node.name": _slug(self.name),
+            "path.data": str(data),
+            "path.logs": str(logs),
+            "network.host": HOST,
+            "http.port": http_port,
+            "transport.port": transport_port,
+            "discovery.type": "single-node",
+            "xpack.security.enabled": self.security,
+            "cluster.routing.allocation.disk.threshold_enabled": False,
+            "action.destructive_requires_name": False,
+        }
+        if self.security:
+            settings["xpack.security.http.ssl.enabled"] = False
+            settings["xpack.security.transport.ssl.enabled"] = False
+        (conf / "elasticsearch.yml").write_text(
+            "# generated by deploy.local\n"
+            + "".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items())
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "JAVA_TOOL_OPTIONS")}
+        env.update(
+            ES_JAVA_HOME=str(java.home),
+            ES_PATH_CONF=str(conf),
+            ES_TMPDIR=str(tmp),
+            ES_JAVA_OPTS=f"-Xms{self.es_heap} -Xmx{self.es_heap}",
+            HOME=str(work),
+        )
+        if user is not None:
+            _chown_tree(work, *user)
+        auth = None
+        if self.security:
+            password = secrets.token_urlsafe(12)
+            self._es_keystore(home, env, user, password)
+            auth = ("elastic", password)
+        es_log = logs / f"{cluster}.log"
+        stdout_log = logs / "stdout.log"
+        url = f"http://{HOST}:{http_port}"
+        as_user = f" as user {ES_USER}" if user else ""
+        self.log(
+            f"starting Elasticsearch {ELASTICSEARCH_VERSION} on {url}{as_user} "
+            f"({java.describe()}) ..."
+        )
+        self._spawn(
+            "elasticsearch",
+            [str(home / "bin" / "elasticsearch")],
+            stdout_log,
+            state,
+            env=env,
+            cwd=work,
+            user=user,
+            extra={"port": http_port, "url": url, "log": str(es_log), "work": str(work)},
+        )
+        info.es_url = url
+        info.es_log = es_log
+        info.es_auth = auth
+        info.versions["elasticsearch"] = ELASTICSEARCH_VERSION
+        info.versions["elasticsearch_java"] = java.version
+
+        def ready() -> bool:
+            return probes.elasticsearch_ready(url, 3.0, auth)
+
+        return "elasticsearch", ready, stdout_log
+
+    def _es_keystore(
+        self, home: Path, env: dict[str, str], user: tuple[int, int] | None, password: str
+    ) -> None:
+        tool = str(home / "bin" / "elasticsearch-keystore")
+        kwargs: dict[str, Any] = {"env": env, "capture_output": True, "check": False}
+        if user:
+            kwargs.update(user=user[0], group=user[1], extra_groups=[])
+        for args, stdin in ((["create"], None), (["add", "-x", "bootstrap.password"], password)):
+            proc = subprocess.run([tool, *args], input=(stdin or "").encode(), **kwargs)
+            if proc.returncode != 0:
+                out = (proc.stdout + proc.stderr).decode(errors="replace")
+                raise ServiceStartError(f"elasticsearch-keystore {args[0]} failed:\n{out}")
+
+    # ------------------------------------------------------------------ prometheus
+    def _start_prometheus(
+        self,
+        info: StackInfo,
+        state: dict[str, Any],
+        taken: set[int],
+        config: str | Path | None,
+    ) -> tuple[str, Callable[[], bool], Path]:
+        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+        if not os.access(binary, os.X_OK):
+            raise StackError(
+                "Prometheus is not installed (no `prometheus` on PATH): `apt-get install "
+                "prometheus` (Debian) or put the binary on PATH."
+            )
+        port = pick_port(self.prometheus_port, "Prometheus", taken)
+        pdir = self.run_dir / "prometheus"
+        shutil.rmtree(pdir, ignore_errors=True)
+        (pdir / "data").mkdir(parents=True)
+        if config is None:
+            config = pdir / "prometheus.yml"
+            Path(config).write_text(
+                "global:\n  scrape_interval: 5s\n"
+                "scrape_configs:\n  - job_name: prometheus\n"
+                f"    static_configs:\n      - targets: ['{HOST}:{port}']\n"
+            )
+        config = Path(config).resolve()
+        if not config.is_file():
+            raise StackError(f"Prometheus scrape config {config} does not exist")
+        log_file = pdir / "prometheus.log"
+        cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={pdir / 'data'}"]
+        cmd += [f"--web.listen-address={HOST}:{port}", "--web.enable-lifecycle"]
+        cmd += ["--storage.tsdb.retention.time=1d"]
+        url = f"http://{HOST}:{port}"
+        self.log(f"starting Prometheus on {url} (config {config}) ...")
+        self._spawn("prometheus", cmd, log_file, state, cwd=pdir, extra={"port": port, "url": url})
+        info.prometheus_url = url
+        info.prometheus_log = log_file
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+        match = re.search(r"version (\S+)", version.stdout + version.stderr)
+        info.versions["prometheus"] = match.group(1) if match else "unknown"
+        return "prometheus", lambda: probes.prometheus_ready(url, 3.0), log_file
+
+    # ------------------------------------------------------------------ waiting
+    def _wait_ready(
+        self, waits: list[tuple[str, Callable[[], bool], Path]], state: dict[str, Any]
+    ) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        pending = list(waits)
+        while pending:
+            for item in list(pending):
+                service, ready, stdout_log = item
+                entry = state["services"][service]
+                if ready():
+                    self.log(f"{service} is ready")
+                    pending.remove(item)
+                elif not alive(entry["pid"], entry.get("start_time")):
+                    raise ServiceStartError(
+                        f"{service} exited during startup. Last lines of its logs:\n"
+                        + self._log_tails(entry, stdout_log)
+                    )
+            if pending and time.monotonic() > deadline:
+                service, _, stdout_log = pending[0]
+                raise ServiceStartError(
+                    f"{service} was not ready after {self.startup_timeout:.0f}s. Last lines of "
+                    "its logs:\n" + self._log_tails(state["services"][service], stdout_log)
+                )
+            if pending:
+                time.sleep(0.5)
+
+    @staticmethod
+    def _log_tails(entry: dict[str, Any], stdout_log: Path) -> str:
+        parts = [f"--- {stdout_log}\n{tail(stdout_log)}"]
+        if entry.get("log") and Path(entry["log"]) != stdout_log:
+            parts.append(f"--- {entry['log']}\n{tail(Path(entry['log']))}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ status / down
+    def status(self) -> StackStatus:
+        state = self._load_state()
+        info = state.get("info", {})
+        statuses = []
+        for service, entry in state["services"].items():
+            running = alive(entry["pid"], entry.get("start_time"))
+            healthy = False
+            url = None
+            if service == "kafka":
+                url = f"{HOST}:{entry['port']}"
+                healthy = running and probes.kafka_ready(url, 3.0)
+            elif service == "elasticsearch":
+                url = entry["url"]
+                auth = tuple(info["es_auth"]) if info.get("es_auth") else None
+                healthy = running and probes.elasticsearch_ready(url, 3.0, auth)
+            elif service == "prometheus":
+                url = entry["url"]
+                healthy = running and probes.prometheus_ready(url, 3.0)
+            statuses.append(
+                ServiceStatus(service, entry["pid"], running, healthy, url, entry.get("log"))
+            )
+        return StackStatus(self.name, self.run_dir, statuses)
+
+    def _stop_services(self, state: dict[str, Any], timeout: float) -> dict[str, str]:
+        results = {}
+        # Reverse start order: Prometheus, Elasticsearch, Kafka.
+        for service in reversed(list(state["services"])):
+            entry = state["services"][service]
+            results[service] = stop_group(entry["pid"], entry.get("start_time"), timeout)
+            self.log(f"{service} (pid {entry['pid']}): {results[service]}")
+        for proc in self._children:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        self._children.clear()
+        return results
+
+    def down(self, timeout: float = 30.0, remove_data: bool = False) -> dict[str, str]:
+        """Stop every recorded service (SIGTERM to its process group, SIGKILL after
+        ``timeout``); returns {service: "stopped" | "killed" | "not running"}.
+
+        ``remove_data`` also deletes the run dir and Elasticsearch's work dir.
+        """
+        state = self._load_state()
+        results = self._stop_services(state, timeout)
+        es_work = state["services"].get("elasticsearch", {}).get("work")
+        if remove_data:
+            if es_work:
+                shutil.rmtree(es_work, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.state_file.exists():
+            self._save_state({"name": self.name, "run_dir": str(self.run_dir), "services": {}})
+        return results
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> LocalStack:
+        """``up()`` with its defaults (Kafka + Elasticsearch) unless already up."""
+        if not self.status().running:
+            self.up()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+
+def _java_has_module(java: JavaInfo, module: str) -> bool:
+    release = java.home / "release"
+    try:
+        text = release.read_text()
+    except OSError:
+        return True
+    match = re.search(r'^MODULES="([^"]*)"', text, re.MULTILINE)
+    return True if match is None else module in match.group(1).split()
