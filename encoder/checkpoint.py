@@ -1,0 +1,453 @@
+"""Read a Hugging Face masked-LM checkpoint folder into numpy, without PyTorch.
+
+Supported architectures: ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` (the SPLADE and
+OpenSearch neural-sparse models). Weights come from ``model.safetensors`` (F32, F16 or BF16,
+read by a small reader of the safetensors layout) or from ``pytorch_model.bin`` (the zip format
+that ``torch.save`` writes since PyTorch 1.6, read by a restricted unpickler that only accepts
+the few globals a plain state dict needs, so no code from the file ever runs).
+
+Both LayerNorm naming schemes are accepted (``weight``/``bias`` and the old ``gamma``/``beta``),
+and a missing decoder weight is tied to the word embeddings, as ``tie_word_embeddings`` says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoder.errors import ModelError
+
+Array = np.ndarray
+
+SUPPORTED_ARCHITECTURES = ("BertForMaskedLM", "DistilBertForMaskedLM")
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    layer_norm_eps: float
+    hidden_act: str  # "gelu" (erf), "gelu_tanh" or "relu"
+    head_act: str
+
+
+@dataclass(frozen=True)
+class LayerNormWeights:
+    gamma: Array
+    beta: Array
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer in PyTorch layout: ``weight`` is [out, in]."""
+
+    weight: Array
+    bias: Array
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    query: Linear
+    key: Linear
+    value: Linear
+    attention_output: Linear
+    attention_norm: LayerNormWeights
+    ffn_in: Linear
+    ffn_out: Linear
+    output_norm: LayerNormWeights
+
+
+@dataclass(frozen=True)
+class MaskedLMWeights:
+    config: TransformerConfig
+    word_embeddings: Array  # [vocab, hidden]
+    position_embeddings: Array  # [max_positions, hidden]
+    token_type_embedding: Array | None  # [hidden], the type-0 row (BERT only)
+    embedding_norm: LayerNormWeights
+    layers: tuple[LayerWeights, ...]
+    head_transform: Linear
+    head_norm: LayerNormWeights
+    decoder_weight: Array  # [vocab, hidden]
+    decoder_bias: Array  # [vocab]
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(
+        f"{folder}: no model.safetensors or pytorch_model.bin; point at a Hugging Face "
+        "checkpoint folder (config.json, model.safetensors, tokenizer.json)"
+    )
+
+
+def read_config(folder: Path) -> TransformerConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: missing; a Hugging Face checkpoint folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type", "")
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and not archs:
+        arch = {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM"}.get(model_type)
+    if arch is None:
+        raise ModelError(
+            f"{path}: architecture {archs or model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (a masked-LM head is needed for SPLADE)"
+        )
+    try:
+        if arch == "BertForMaskedLM":
+            act = raw.get("hidden_act", "gelu")
+            return TransformerConfig(
+                architecture=arch,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=int(raw["hidden_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=int(raw["num_attention_heads"]),
+                intermediate_size=int(raw["intermediate_size"]),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
+                layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
+                hidden_act=_activation(path, act),
+                head_act=_activation(path, act),
+            )
+        act = raw.get("activation", "gelu")
+        return TransformerConfig(
+            architecture=arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["dim"]),
+            num_layers=int(raw["n_layers"]),
+            num_heads=int(raw["n_heads"]),
+            intermediate_size=int(raw["hidden_dim"]),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
+            layer_norm_eps=1e-12,
+            hidden_act=_activation(path, act),
+            head_act=_activation(path, act),
+        )
+    except KeyError as exc:
+        raise ModelError(f"{path}: missing key {exc} for {arch}") from exc
+
+
+def _activation(path: Path, name: str) -> str:
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ModelError(
+            f"{path}: activation {name!r} is not supported ({', '.join(_ACTIVATIONS)})"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ safetensors
+
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
+
+
+def read_safetensors(path: Path) -> dict[str, Array]:
+    """Read a safetensors file as float32/int numpy arrays (BF16 and F16 become float32)."""
+    data = path.read_bytes()
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+    except (struct.error, ValueError) as exc:
+        raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
+    base = 8 + header_len
+    out: dict[str, Array] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        buf = data[base + start : base + end]
+        dtype, shape = info["dtype"], tuple(info["shape"])
+        if dtype == "BF16":
+            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dtype in _SAFETENSORS_DTYPES:
+            arr = np.frombuffer(buf, _SAFETENSORS_DTYPES[dtype])
+        else:
+            raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        out[name] = arr.reshape(shape)
+    return out
+
+
+# ------------------------------------------------------------------- pytorch_model.bin (zip)
+
+_TORCH_STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
+    "FloatStorage": np.dtype("<f4"),
+    "HalfStorage": np.dtype("<f2"),
+    "DoubleStorage": np.dtype("<f8"),
+    "BFloat16Storage": np.dtype("<u2"),  # widened to float32 below
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "BoolStorage": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Storage:
+    array: Array
+    bfloat16: bool
+
+
+def _rebuild_tensor(
+    storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
+) -> Array:
+    base = storage.array
+    itemsize = base.dtype.itemsize
+    if not size:
+        arr = base[offset : offset + 1].reshape(())
+    else:
+        arr = np.lib.stride_tricks.as_strided(
+            base[offset:], shape=size, strides=[s * itemsize for s in stride]
+        )
+    arr = np.array(arr)  # own the memory, contiguous
+    if storage.bfloat16:
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    elif arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _rebuild_parameter(data: Array, *_: Any) -> Array:
+    return data
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a state dict from ``torch.save`` without torch and without running code."""
+
+    def __init__(self, fh: Any, load_record: Callable[[str, np.dtype[Any]], Array]) -> None:
+        super().__init__(fh)
+        self._load_record = load_record
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not allowed in a plain state dict (refusing to load it)"
+        )
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+        if key not in self._storages:
+            dtype = _TORCH_STORAGE_DTYPES[storage_type.name]
+            self._storages[key] = _Storage(
+                self._load_record(key, dtype), storage_type.name == "BFloat16Storage"
+            )
+        return self._storages[key]
+
+
+def read_torch_zip(path: Path) -> dict[str, Array]:
+    if not zipfile.is_zipfile(path):
+        raise ModelError(
+            f"{path}: not the zip format of torch.save (PyTorch >= 1.6); convert it to "
+            'safetensors once, e.g. `python -c "import torch, safetensors.torch as s; '
+            "s.save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\"`"
+        )
+    with zipfile.ZipFile(path) as zf:
+        pkl_names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl_names) != 1:
+            raise ModelError(f"{path}: expected one data.pkl in the archive, found {pkl_names}")
+        prefix = pkl_names[0][: -len("data.pkl")]
+
+        def load_record(key: str, dtype: np.dtype[Any]) -> Array:
+            return np.frombuffer(zf.read(f"{prefix}data/{key}"), dtype=dtype)
+
+        with zf.open(pkl_names[0]) as fh:
+            try:
+                state = _RestrictedUnpickler(fh, load_record).load()
+            except (pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+                raise ModelError(f"{path}: cannot read the state dict ({exc})") from exc
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path}: the pickle does not hold a state dict")
+    return {str(k): v for k, v in state.items() if isinstance(v, np.ndarray)}
+
+
+def read_state_dict(path: Path) -> dict[str, Array]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return read_torch_zip(path)
+
+
+# ------------------------------------------------------------------------ name mapping
+
+
+class _Lookup:
+    def __init__(self, path: Path, state: Mapping[str, Array], prefixes: tuple[str, ...]) -> None:
+        self.path = path
+        self.state = state
+        self.prefixes = prefixes
+
+    def get(self, *names: str) -> Array:
+        for name in names:
+            for prefix in self.prefixes:
+                if prefix + name in self.state:
+                    return np.ascontiguousarray(self.state[prefix + name], dtype=np.float32)
+        raise ModelError(
+            f"{self.path}: weight {names[0]!r} not found (tried {', '.join(names)} with "
+            f"prefixes {self.prefixes}); is this a masked-LM checkpoint?"
+        )
+
+    def has(self, name: str) -> bool:
+        return any(p + name in self.state for p in self.prefixes)
+
+    def linear(self, name: str) -> Linear:
+        return Linear(self.get(f"{name}.weight"), self.get(f"{name}.bias"))
+
+    def norm(self, name: str) -> LayerNormWeights:
+        return LayerNormWeights(
+            self.get(f"{name}.weight", f"{name}.gamma"), self.get(f"{name}.bias", f"{name}.beta")
+        )
+
+
+def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"encoder.layer.{i}."
+        layers.append(
+            LayerWeights(
+                query=w.linear(p + "attention.self.query"),
+                key=w.linear(p + "attention.self.key"),
+                value=w.linear(p + "attention.self.value"),
+                attention_output=w.linear(p + "attention.output.dense"),
+                attention_norm=w.norm(p + "attention.output.LayerNorm"),
+                ffn_in=w.linear(p + "intermediate.dense"),
+                ffn_out=w.linear(p + "output.dense"),
+                output_norm=w.norm(p + "output.LayerNorm"),
+            )
+        )
+    word = w.get("embeddings.word_embeddings.weight")
+    decoder = (
+        w.get("cls.predictions.decoder.weight") if w.has("cls.predictions.decoder.weight") else word
+    )
+    return MaskedLMWeights(
+        config=cfg,
+        word_embeddings=word,
+        position_embeddings=w.get("embeddings.position_embeddings.weight"),
+        token_type_embedding=w.get("embeddings.token_type_embeddings.weight")[0],
+        embedding_norm=w.norm("embeddings.LayerNorm"),
+        layers=tuple(layers),
+        head_transform=w.linear("cls.predictions.transform.dense"),
+        head_norm=w.norm("cls.predictions.transform.LayerNorm"),
+        decoder_weight=decoder,
+        decoder_bias=w.get("cls.predictions.bias", "cls.predictions.decoder.bias"),
+    )
+
+
+def _distilbert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"transformer.layer.{i}."
+        layers.append(
+            LayerWeights(
+                query=w.linear(p + "attention.q_lin"),
+                key=w.linear(p + "attention.k_lin"),
+                value=w.linear(p + "attention.v_lin"),
+                attention_output=w.linear(p + "attention.out_lin"),
+                attention_norm=w.norm(p + "sa_layer_norm"),
+                ffn_in=w.linear(p + "ffn.lin1"),
+                ffn_out=w.linear(p + "ffn.lin2"),
+                output_norm=w.norm(p + "output_layer_norm"),
+            )
+        )
+    word = w.get("embeddings.word_embeddings.weight")
+    decoder = w.get("vocab_projector.weight") if w.has("vocab_projector.weight") else word
+    return MaskedLMWeights(
+        config=cfg,
+        word_embeddings=word,
+        position_embeddings=w.get("embeddings.position_embeddings.weight"),
+        token_type_embedding=None,
+        embedding_norm=w.norm("embeddings.LayerNorm"),
+        layers=tuple(layers),
+        head_transform=w.linear("vocab_transform"),
+        head_norm=w.norm("vocab_layer_norm"),
+        decoder_weight=decoder,
+        decoder_bias=w.get("vocab_projector.bias"),
+    )
+
+
+def load_masked_lm(folder: str | Path) -> MaskedLMWeights:
+    """Load a BERT or DistilBERT masked-LM checkpoint folder as numpy weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: not a folder; give a Hugging Face checkpoint folder")
+    cfg = read_config(folder)
+    path = weights_file(folder)
+    state = read_state_dict(path)
+    if cfg.architecture == "BertForMaskedLM":
+        weights = _bert(cfg, _Lookup(path, state, ("bert.", "")))
+    else:
+        weights = _distilbert(cfg, _Lookup(path, state, ("distilbert.", "")))
+    _check_shapes(path, weights)
+    return weights
+
+
+def _check_shapes(path: Path, w: MaskedLMWeights) -> None:
+    c = w.config
+    h = c.hidden_size
+    expected = {
+        "word_embeddings": (w.word_embeddings.shape, (c.vocab_size, h)),
+        "decoder weight": (w.decoder_weight.shape, (c.vocab_size, h)),
+        "decoder bias": (w.decoder_bias.shape, (c.vocab_size,)),
+        "ffn_in": (w.layers[0].ffn_in.weight.shape, (c.intermediate_size, h))
+        if w.layers
+        else ((), ()),
+    }
+    for name, (got, want) in expected.items():
+        if got != want:
+            raise ModelError(f"{path}: {name} has shape {got}, config.json implies {want}")
+    if h % c.num_heads:
+        raise ModelError(f"{path}: hidden size {h} is not a multiple of {c.num_heads} heads")

@@ -1,0 +1,314 @@
+"""Export a Hugging Face masked-LM checkpoint folder to a sparse-ingest model folder.
+
+Output folder: ``model.onnx`` (INT8 by default), ``model.fp32.onnx`` (kept for fidelity checks),
+``tokenizer.json`` (+ ``tokenizer_config.json``, ``idf.json`` when the source has them) and
+``sparse_model.json``. No PyTorch: the graph is built from the weights (``encoder.graph``), checked
+against the plain numpy forward pass (``encoder.reference``), then quantized with ONNX Runtime's
+``quantize_dynamic``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from encoder.checkpoint import MaskedLMWeights, load_masked_lm, sha256_file, weights_file
+from encoder.errors import ModelError
+from encoder.graph import GraphOptions, build_graph
+from encoder.metadata import (
+    FP32_MODEL_FILE,
+    IDF_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    FidelityInfo,
+    LongTextMode,
+    ModelMetadata,
+    QuantizationInfo,
+    write_metadata,
+)
+from encoder.reference import splade_vectors
+from encoder.registry import QueryMode
+
+log = logging.getLogger(__name__)
+
+EXPORTER_VERSION = "sparse-ingest-exporter/1"
+
+# MatMul groups that can be left in FP32 (matched against node names from encoder.graph).
+FP32_GROUPS: dict[str, tuple[str, ...]] = {
+    "vocab": ("vocab_logits",),
+    "head": ("vocab_logits", "head.transform"),
+    "attention": (".q.mm", ".k.mm", ".v.mm", ".attn_out.mm"),
+}
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "what is the capital of france",
+    "Sparse retrieval with learned term weights runs on an inverted index.",
+    "Elasticsearch stores the token weights in a sparse_vector field.",
+    "Vitamin D deficiency is associated with an increased risk of respiratory infections "
+    "in children and adults, according to several randomized controlled trials.",
+    "how do i reset my router password",
+    "The mitochondria is the powerhouse of the cell; it produces ATP through oxidative "
+    "phosphorylation, which depends on the electron transport chain.",
+    "Kafka consumers commit offsets after the sink has acknowledged the documents.",
+    "symptoms of type 2 diabetes",
+    "In 1969 Apollo 11 landed on the Moon and Neil Armstrong became the first person to walk "
+    "on its surface.",
+    "best pizza dough recipe with sourdough starter",
+    "Quantum entanglement does not allow faster-than-light communication.",
+    "A 42-year-old woman presented with fever, cough and shortness of breath for three days.",
+    "The central bank raised interest rates by 25 basis points to curb inflation.",
+    "python list comprehension vs generator expression memory",
+    "CRISPR-Cas9 enables targeted genome editing in a wide range of organisms.",
+)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    per_channel: bool = True
+    reduce_range: bool = False
+    fp32_groups: tuple[str, ...] = ()
+
+
+def _encode_probe(
+    tok: Tokenizer, texts: Sequence[str], max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    encs = tok.encode_batch(list(texts))
+    ids_list = [e.ids[:max_length] for e in encs]
+    width = max(len(i) for i in ids_list)
+    ids = np.zeros((len(texts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, i in enumerate(ids_list):
+        ids[row, : len(i)] = i
+        mask[row, : len(i)] = 1
+    return ids, mask
+
+
+def _session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(src: Path, dst: Path, options: QuantizeOptions) -> QuantizationInfo:
+    """Dynamic INT8 quantization of every MatMul except the FP32 groups asked for."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src), load_external_data=False)
+    patterns = tuple(p for g in options.fp32_groups for p in FP32_GROUPS[g])
+    exclude = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and any(p in n.name for p in patterns)
+    ]
+    del model
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic warns "consider pre-processing" on the root
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
+    return QuantizationInfo(
+        method="dynamic",
+        weight_type="int8",
+        activation_type="uint8, per tensor, scale computed per batch",
+        per_channel=options.per_channel,
+        reduce_range=options.reduce_range,
+        op_types=("MatMul",),
+        fp32_nodes=tuple(options.fp32_groups),
+    )
+
+
+def compare_vectors(a: np.ndarray, b: np.ndarray) -> FidelityInfo:
+    """Cosine, top-10 overlap and max difference of two [n, vocab] weight matrices."""
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+    k = min(10, a.shape[1])
+    top_a = np.argsort(-a, axis=1)[:, :k]
+    top_b = np.argsort(-b, axis=1)[:, :k]
+    overlap = [
+        len(set(x) & set(y)) / k for x, y in zip(top_a.tolist(), top_b.tolist(), strict=True)
+    ]
+    return FidelityInfo(
+        texts=int(a.shape[0]),
+        mean_cosine=round(float(cos.mean()), 6),
+        min_cosine=round(float(cos.min()), 6),
+        top10_overlap=round(float(np.mean(overlap)), 4),
+        max_abs_diff=round(float(np.abs(a - b).max()), 6),
+    )
+
+
+def check_against_reference(
+    weights: MaskedLMWeights,
+    model_path: Path,
+    tok: Tokenizer,
+    max_length: int,
+    tolerance: float = 1e-3,
+) -> float:
+    """Run the FP32 graph and the numpy reference on two probe texts; return the max difference."""
+    ids, mask = _encode_probe(tok, PROBE_TEXTS[4:6], max_length)
+    ref = splade_vectors(weights, ids, mask)
+    out = _session(model_path).run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    diff = float(np.abs(out - ref).max())
+    if not diff <= tolerance:
+        raise ModelError(
+            f"{model_path}: the exported graph differs from the numpy reference by {diff:.3g} "
+            f"(tolerance {tolerance}); this is an exporter bug, please report it"
+        )
+    return diff
+
+
+def export_model(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    quantize: Literal["int8", "none"] = "int8",
+    keep_fp32: bool = True,
+    quantize_options: QuantizeOptions | None = None,
+    graph_options: GraphOptions | None = None,
+    name: str | None = None,
+    long_text: LongTextMode = "chunk",
+    window_overlap: int = 64,
+    query_mode: QueryMode = "model",
+    license: str = "",
+    source: str = "",
+    weights: MaskedLMWeights | None = None,
+) -> ModelMetadata:
+    """Export ``src_dir`` (a Hugging Face BERT/DistilBERT masked-LM folder) into ``out_dir``.
+
+    ``weights`` may be given to skip reading the checkpoint again (the benchmark uses it for
+    random models); ``src_dir`` must still hold the tokenizer.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    tok_path = src / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise ModelError(
+            f"{tok_path}: missing; the exporter needs the fast tokenizer file (tokenizer.json). "
+            "Save it with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
+        )
+    if weights is None:
+        weights = load_masked_lm(src)
+    cfg = weights.config
+    tok = Tokenizer.from_file(str(tok_path))
+    tok.no_padding()
+    tok.no_truncation()
+    if tok.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
+        raise ModelError(
+            f"{src}: tokenizer.json has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
+            f"model's vocabulary is {cfg.vocab_size}; use the tokenizer saved with this checkpoint"
+        )
+    max_length = _max_length(src, cfg.max_position_embeddings)
+    if not 0 <= window_overlap < max_length // 2:
+        raise ModelError(f"window_overlap {window_overlap} must be in [0, {max_length // 2})")
+
+    out.mkdir(parents=True, exist_ok=True)
+    gopts = graph_options or GraphOptions()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        fp32_path = Path(tmp) / FP32_MODEL_FILE
+        onnx.save(build_graph(weights, gopts), str(fp32_path))
+        diff = check_against_reference(weights, fp32_path, tok, max_length)
+        log.info("FP32 graph matches the numpy reference (max difference %.2g)", diff)
+        fidelity = None
+        if quantize == "int8":
+            qopts = quantize_options or QuantizeOptions()
+            int8_path = Path(tmp) / MODEL_FILE
+            quant = quantize_int8(fp32_path, int8_path, qopts)
+            fidelity = measure_fidelity(fp32_path, int8_path, tok, max_length)
+            log.info("INT8 vs FP32 on %d probe texts: %s", len(PROBE_TEXTS), fidelity)
+            shutil.move(str(int8_path), out / MODEL_FILE)
+            if keep_fp32:
+                shutil.move(str(fp32_path), out / FP32_MODEL_FILE)
+        elif quantize == "none":
+            quant = QuantizationInfo()
+            shutil.move(str(fp32_path), out / MODEL_FILE)
+        else:
+            raise ModelError(f"unknown quantization {quantize!r}; use 'int8' or 'none'")
+    for extra in (TOKENIZER_FILE, "tokenizer_config.json", IDF_FILE):
+        if (src / extra).is_file():
+            shutil.copyfile(src / extra, out / extra)
+    if quantize != "int8" or not keep_fp32:
+        (out / FP32_MODEL_FILE).unlink(missing_ok=True)
+
+    checksums = {
+        p.name: sha256_file(p)
+        for p in sorted(src.iterdir())
+        if p.name in {"config.json", TOKENIZER_FILE, "tokenizer_config.json", IDF_FILE}
+    }
+    with contextlib.suppress(ModelError):  # no file when weights were passed in (benchmark)
+        checksums[weights_file(src).name] = sha256_file(weights_file(src))
+    files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
+    if (out / FP32_MODEL_FILE).is_file():
+        files["model_fp32"] = FP32_MODEL_FILE
+    if (out / IDF_FILE).is_file():
+        files["idf"] = IDF_FILE
+    meta = ModelMetadata(
+        name=name or src.name,
+        architecture=cfg.architecture,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_length=max_length,
+        quantization=quant,
+        long_text=long_text,
+        window_overlap=window_overlap,
+        query_mode=query_mode,
+        license=license,
+        source=source or str(src),
+        source_checksums=checksums,
+        exporter_version=EXPORTER_VERSION,
+        graph=f"{'fused contrib ops' if gopts.fused else 'standard ops'}, splade_max head with "
+        f"pooling rewrite, vocabulary MatMul in {gopts.vocab_chunks} chunks",
+        files=files,
+        fidelity=fidelity,
+    )
+    write_metadata(out, meta)
+    return meta
+
+
+def measure_fidelity(
+    fp32_path: Path, int8_path: Path, tok: Tokenizer, max_length: int
+) -> FidelityInfo:
+    ids, mask = _encode_probe(tok, PROBE_TEXTS, max_length)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = _session(fp32_path).run(None, feeds)[0]
+    got = _session(int8_path).run(None, feeds)[0]
+    return compare_vectors(got, ref)
+
+
+def _max_length(src: Path, positions: int) -> int:
+    path = src / "tokenizer_config.json"
+    if path.is_file():
+        try:
+            declared = int(json.loads(path.read_text()).get("model_max_length", positions))
+        except (ValueError, TypeError):
+            declared = positions
+        if 0 < declared < positions:
+            return declared
+    return positions

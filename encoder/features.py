@@ -1,0 +1,76 @@
+"""From [n, vocab] weights to ``{token: weight}`` dicts that Elasticsearch accepts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+_UNUSED = re.compile(r"^\[unused\d+\]$")
+
+
+def es_feature_name(token: str) -> str:
+    """The ``sparse_vector`` feature name for a vocabulary token.
+
+    Identity for now. Open question (being probed against Elasticsearch): whether keys such as
+    ``"."`` or ``"##."`` are accepted as they are; any escaping decided then goes here, and only
+    here. The mapping must stay injective or the weights of colliding tokens are max-merged.
+    """
+    return token
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Per vocabulary id: its feature name, and whether it may appear in an output vector."""
+
+    tokens: np.ndarray  # object array [vocab] of str, the tokenizer's own strings
+    names: np.ndarray  # object array [vocab] of str, es_feature_name(token)
+    keep: np.ndarray  # bool [vocab]; False for special and [unusedN] tokens
+    injective: bool  # True when no two kept ids share a feature name
+
+    @classmethod
+    def from_tokenizer(cls, tok: Tokenizer, vocab_size: int) -> FeatureTable:
+        vocab = tok.get_vocab(with_added_tokens=True)
+        tokens = [""] * vocab_size
+        for token, idx in vocab.items():
+            if 0 <= idx < vocab_size:
+                tokens[idx] = token
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        keep = np.array(
+            [bool(t) and t not in special and not _UNUSED.match(t) for t in tokens], dtype=bool
+        )
+        names = np.array([es_feature_name(t) for t in tokens], dtype=object)
+        kept = names[keep]
+        return cls(
+            tokens=np.array(tokens, dtype=object),
+            names=names,
+            keep=keep,
+            injective=len(set(kept.tolist())) == len(kept),
+        )
+
+    def to_dicts(self, weights: np.ndarray) -> list[dict[str, float]]:
+        """Rows of [n, vocab] weights as ``{feature: weight}`` with strictly positive weights."""
+        weights = np.where(self.keep, weights, 0.0)
+        rows, cols = np.nonzero(weights > 0)
+        values = weights[rows, cols].tolist()
+        names = self.names[cols].tolist()
+        bounds = np.searchsorted(rows, np.arange(weights.shape[0] + 1)).tolist()
+        out = []
+        for i in range(weights.shape[0]):
+            lo, hi = bounds[i], bounds[i + 1]
+            if self.injective:
+                out.append(dict(zip(names[lo:hi], values[lo:hi], strict=True)))
+            else:
+                out.append(_max_merge(zip(names[lo:hi], values[lo:hi], strict=True)))
+        return out
+
+
+def _max_merge(items: Iterable[tuple[str, float]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for name, value in items:
+        if value > merged.get(name, 0.0):
+            merged[name] = value
+    return merged

