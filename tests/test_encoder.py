@@ -350,3 +350,34 @@ def test_vocab_mismatch_and_unsupported(model_dir: Path, tmp_path: Path) -> None
     (folder / METADATA_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="unreadable"):
         read_metadata(folder)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from encoder.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="sparse-ingest")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+def test_cli_encode_info_and_errors(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli(["encode", "vitamin d deficiency", "--top", "3", "--model", str(model_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split()[0] in {"vitamin", "d", "deficiency"}
+    assert _cli(["encode", "vitamin", "--query", "--json", "--model", str(model_dir)]) == 0
+    assert "vitamin" in json.loads(capsys.readouterr().out)
+    assert _cli(["model", "info", str(model_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["name"] == DEFAULT_MODEL_NAME and "amx_int8" in info["cpu_features"]
+    assert _cli(["encode", "x", "--model", str(tmp_path / "missing")]) == 1
+    assert "model folder not found" in capsys.readouterr().err
+    assert _cli(["model", "export", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "tokenizer.json: missing" in capsys.readouterr().err
