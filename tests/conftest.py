@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import support
@@ -112,3 +113,19 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[s
     finally:
         for stack in started:
             stack.down(remove_data=True)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model (SPLADE-tiny-msmarco), fetched and exported once into the cache."""
+    from encoder import fetch_default_model
+
+    return fetch_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_encoder(default_model_dir: Path) -> Any:
+    """One warmed INT8 encoder shared by the tests that run the service."""
+    from encoder import SparseEncoder
+
+    return SparseEncoder.load(default_model_dir)

@@ -9,9 +9,7 @@ import aiohttp
 import orjson
 import pytest
 from elasticsearch import AsyncElasticsearch
-
-from service.messages import META_FIELD
-from tests.service_support import (
+from service_support import (
     committed,
     cosine,
     create_topic,
@@ -25,6 +23,8 @@ from tests.service_support import (
     tombstone,
     wait_all_committed,
 )
+
+from service.messages import META_FIELD
 
 pytestmark = pytest.mark.integration
 
