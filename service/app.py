@@ -30,10 +30,45 @@ from service.http import HttpApi, HttpLimits
 from service.messages import MessageContract
 from service.metrics import Metrics
 from service.pipeline import Pipeline, PipelineConfig
+from service.processing import BatchProcessor
 from service.search import Searcher
 from service.sink import ElasticsearchSink, IndexConfig
 
 log = logging.getLogger(__name__)
+
+
+def message_contract(settings: Settings) -> MessageContract:
+    return MessageContract(
+        id_field=settings.id_field,
+        text_fields=tuple(settings.text_fields),
+        version_field=settings.version_field,
+        version_header=settings.version_header,
+        vector_field=settings.es_vector_field,
+        max_message_bytes=settings.max_message_bytes,
+        max_text_chars=settings.max_text_chars,
+    )
+
+
+def build_sink(settings: Settings, es: AsyncElasticsearch, model_name: str) -> ElasticsearchSink:
+    s = settings
+    return ElasticsearchSink(
+        es,
+        IndexConfig(
+            index=s.es_index,
+            vector_field=s.es_vector_field,
+            text_fields=tuple(s.text_fields),
+            number_of_shards=s.es_number_of_shards,
+            number_of_replicas=s.es_number_of_replicas,
+            refresh_interval=s.es_refresh_interval,
+            prune_below=s.es_prune_below,
+        ),
+        model_name=model_name,
+        chunk_size=s.es_bulk_chunk_size,
+        max_chunk_bytes=s.es_bulk_max_bytes,
+        max_retries=s.es_bulk_max_retries,
+        initial_backoff=s.es_bulk_initial_backoff_s,
+        max_backoff=s.es_bulk_max_backoff_s,
+    )
 
 
 class StartupError(RuntimeError):
@@ -133,24 +168,7 @@ class Service:
         self.es = elasticsearch_client(s)
         version = await check_elasticsearch(self.es, s)
         log.info("Elasticsearch %s at %s", version, s.es_url)
-        sink = ElasticsearchSink(
-            self.es,
-            IndexConfig(
-                index=s.es_index,
-                vector_field=s.es_vector_field,
-                text_fields=tuple(s.text_fields),
-                number_of_shards=s.es_number_of_shards,
-                number_of_replicas=s.es_number_of_replicas,
-                refresh_interval=s.es_refresh_interval,
-                prune_below=s.es_prune_below,
-            ),
-            model_name=meta.name,
-            chunk_size=s.es_bulk_chunk_size,
-            max_chunk_bytes=s.es_bulk_max_bytes,
-            max_retries=s.es_bulk_max_retries,
-            initial_backoff=s.es_bulk_initial_backoff_s,
-            max_backoff=s.es_bulk_max_backoff_s,
-        )
+        sink = build_sink(s, self.es, meta.name)
         await sink.ensure_index(create=s.es_create_index)
         self.searcher = Searcher(self.es, s.es_index, s.es_vector_field, s.text_fields)
 
@@ -203,20 +221,20 @@ class Service:
             stats_factory: Any = EncodeStats
         except ImportError:
             stats_factory = None
-        self.pipeline = Pipeline(
-            self.consumer,
+        processor = BatchProcessor(
             encoder,
             sink,
             DeadLetterWriter(self.producer, s.dead_letter_topic),
-            MessageContract(
-                id_field=s.id_field,
-                text_fields=tuple(s.text_fields),
-                version_field=s.version_field,
-                version_header=s.version_header,
-                vector_field=s.es_vector_field,
-                max_message_bytes=s.max_message_bytes,
-                max_text_chars=s.max_text_chars,
-            ),
+            message_contract(s),
+            self.metrics,
+            model_name=encoder.metadata.name,
+            skip_unchanged=s.skip_unchanged,
+            unavailable_backoff_s=s.es_unavailable_backoff_s,
+            stats_factory=stats_factory,
+        )
+        self.pipeline = Pipeline(
+            self.consumer,
+            processor,
             self.metrics,
             PipelineConfig(
                 batch_max_docs=s.batch_max_docs,
@@ -224,13 +242,9 @@ class Service:
                 batch_linger_ms=s.batch_linger_ms,
                 max_inflight_batches=s.max_inflight_batches,
                 max_poll_records=s.kafka_max_poll_records,
-                skip_unchanged=s.skip_unchanged,
                 commit_interval_ms=s.commit_interval_ms,
                 shutdown_timeout_s=s.shutdown_timeout_s,
-                unavailable_backoff_s=s.es_unavailable_backoff_s,
             ),
-            model_name=encoder.metadata.name,
-            stats_factory=stats_factory,
         )
         self.consumer.subscribe(s.kafka_topics, listener=self.pipeline)
         self._pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")

@@ -1,0 +1,251 @@
+"""What happens to one batch, whichever runner feeds it (the aiokafka pipeline or Faust).
+
+decode (per record) -> prepare (newest per id, content hashes, look up unchanged texts) ->
+encode (off the event loop) -> write (versioned bulk, retried while Elasticsearch refuses) ->
+dead letters (decode failures and documents Elasticsearch rejected). Committing offsets is the
+runner's job, after :meth:`BatchProcessor.finish` returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from service.deadletter import DeadLetter, DeadLetterWriter
+from service.messages import (
+    Action,
+    BadRecord,
+    MessageContract,
+    RecordRef,
+    Upsert,
+    content_hash,
+    decode_record,
+    newest_per_id,
+)
+from service.metrics import Metrics
+from service.sink import ElasticsearchSink, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    """What the pipeline needs of :class:`encoder.SparseEncoder`."""
+
+    async def aencode_documents(
+        self, texts: Sequence[str], stats: Any = None
+    ) -> list[dict[str, float]]: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """Cheap token estimate for closing batches (WordPiece averages ~4 chars a token)."""
+    return len(text) // 4 + 2
+
+
+@dataclass(slots=True)
+class Batch:
+    seq: int
+    opened_at: float
+    actions: list[Action] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    raw: dict[RecordRef, tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = field(
+        default_factory=dict
+    )
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    records: int = 0
+    est_tokens: int = 0
+    # filled in by the stages
+    to_write: list[Action] = field(default_factory=list)
+    to_encode: list[Upsert] = field(default_factory=list)
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        encoder: Encoder,
+        sink: ElasticsearchSink,
+        dead_letters: DeadLetterWriter,
+        contract: MessageContract,
+        metrics: Metrics,
+        *,
+        model_name: str,
+        skip_unchanged: bool = True,
+        unavailable_backoff_s: float = 2.0,
+        max_unavailable_backoff_s: float = 30.0,
+        stats_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.sink = sink
+        self.dead_letters = dead_letters
+        self.contract = contract
+        self.metrics = metrics
+        self.model_name = model_name
+        self.skip_unchanged = skip_unchanged
+        self.unavailable_backoff_s = unavailable_backoff_s
+        self.max_unavailable_backoff_s = max_unavailable_backoff_s
+        self._stats_factory = stats_factory
+
+    def add_record(
+        self,
+        batch: Batch,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        ref = RecordRef(topic, partition, offset, timestamp_ms)
+        batch.records += 1
+        batch.next_offsets[TopicPartition(topic, partition)] = offset + 1
+        self.metrics.documents_consumed.labels(topic).inc()
+        try:
+            action = decode_record(self.contract, ref, key, value, headers)
+        except BadRecord as bad:
+            log.warning("dead-lettering %s: %s", ref, bad)
+            batch.dead.append(DeadLetter(ref, key, value, headers, bad.reason, bad.detail))
+            return
+        batch.actions.append(action)
+        batch.raw[ref] = (key, value, headers)
+        if isinstance(action, Upsert):
+            batch.est_tokens += estimate_tokens(action.text)
+
+    async def process(self, batch: Batch) -> None:
+        """All steps in turn (the Faust runner's way; the pipeline overlaps them)."""
+        await self.prepare(batch)
+        await self.encode(batch)
+        await self.write(batch)
+        await self.finish(batch)
+
+    async def prepare(self, batch: Batch) -> None:
+        start = time.perf_counter()
+        newest = newest_per_id(batch.actions)
+        superseded = len(batch.actions) - len(newest)
+        if superseded:
+            self.metrics.documents_stale.labels("batch").inc(superseded)
+        batch.to_write = newest
+        upserts = [a for a in newest if isinstance(a, Upsert)]
+        for up in upserts:
+            up.content_hash = content_hash(self.model_name, up.text)
+        stored: dict[str, tuple[str, dict[str, float]]] = {}
+        if self.skip_unchanged and upserts:
+            try:
+                stored = await self.sink.lookup([u.doc_id for u in upserts])
+            except Exception as exc:  # an optimisation only: encode everything instead
+                log.warning("content-hash look-up failed, encoding all: %s", exc)
+        for up in upserts:
+            hit = stored.get(up.doc_id)
+            if hit is not None and hit[0] == up.content_hash:
+                up.vector = hit[1]
+                self.metrics.documents_unchanged.inc()
+            else:
+                batch.to_encode.append(up)
+        self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - start)
+
+    async def encode(self, batch: Batch) -> None:
+        if not batch.to_encode:
+            return
+        texts = [u.text for u in batch.to_encode]
+        stats = self._stats_factory() if self._stats_factory else None
+        start = time.perf_counter()
+        try:
+            vectors = await self.encoder.aencode_documents(texts, stats)
+        except Exception as exc:
+            log.error("encoding a batch of %d failed (%s); encoding one by one", len(texts), exc)
+            vectors = []
+            for up in batch.to_encode:
+                try:
+                    vectors.append((await self.encoder.aencode_documents([up.text]))[0])
+                except Exception as one_exc:
+                    vectors.append({})
+                    self.reject(batch, up, "encoder_error", f"{type(one_exc).__name__}: {one_exc}")
+        elapsed = time.perf_counter() - start
+        for up, vec in zip(batch.to_encode, vectors, strict=True):
+            up.vector = vec
+        self.metrics.stage_seconds.labels("encode").observe(elapsed)
+        self.metrics.encoder_busy_seconds.inc(elapsed)
+        self.metrics.batch_documents.observe(len(texts))
+        if stats is not None:
+            self.metrics.stage_seconds.labels("tokenize").observe(stats.tokenize_seconds)
+            self.metrics.stage_seconds.labels("inference").observe(stats.inference_seconds)
+            self.metrics.encoded_tokens.inc(stats.tokens)
+            self.metrics.encoded_padded_tokens.inc(stats.padded_tokens)
+            self.metrics.batch_tokens.observe(stats.tokens)
+            if elapsed > 0:
+                self.metrics.encoder_tokens_per_second.set(stats.tokens / elapsed)
+
+    def reject(self, batch: Batch, action: Action, reason: str, detail: str) -> None:
+        key, value, headers = batch.raw.get(action.ref, (None, None, []))
+        batch.dead.append(
+            DeadLetter(action.ref, key, value, headers, reason, detail, stage="index")
+        )
+        batch.to_write = [a for a in batch.to_write if a is not action]
+
+    async def write(self, batch: Batch) -> None:
+        pending = list(batch.to_write)
+        backoff = self.unavailable_backoff_s
+        start = time.perf_counter()
+        while pending:
+            try:
+                outcome = await self.sink.write(pending)
+            except SinkUnavailable as exc:
+                self.metrics.bulk_requests.labels("unavailable").inc()
+                log.warning("Elasticsearch unavailable (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_unavailable_backoff_s)
+                continue
+            now = time.time()
+            acked: list[Action] = [*outcome.indexed, *outcome.deleted, *outcome.not_found]
+            for action in acked:
+                if action.ref.timestamp_ms is not None:
+                    self.metrics.end_to_end_lag.observe(
+                        max(0.0, now - action.ref.timestamp_ms / 1000)
+                    )
+            self.metrics.documents_indexed.inc(len(outcome.indexed))
+            self.metrics.documents_deleted.labels("deleted").inc(len(outcome.deleted))
+            self.metrics.documents_deleted.labels("not_found").inc(len(outcome.not_found))
+            self.metrics.documents_stale.labels("elasticsearch").inc(len(outcome.stale))
+            for action, reason, detail in outcome.rejected:
+                self.metrics.bulk_item_errors.labels(reason).inc()
+                log.warning(
+                    "Elasticsearch rejected %s (id %r): %s", action.ref, action.doc_id, detail
+                )
+                self.reject(batch, action, reason, detail)
+            for _, reason in outcome.retry:
+                self.metrics.bulk_item_errors.labels(reason).inc()
+            pending = [action for action, _ in outcome.retry]
+            if pending:
+                self.metrics.bulk_requests.labels("retry").inc()
+                log.warning(
+                    "%d item(s) refused by Elasticsearch (%s); retrying in %.1fs",
+                    len(pending),
+                    outcome.retry[0][1],
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_unavailable_backoff_s)
+            else:
+                self.metrics.bulk_requests.labels("ok").inc()
+        self.metrics.stage_seconds.labels("bulk").observe(time.perf_counter() - start)
+
+    async def finish(self, batch: Batch) -> None:
+        """Send the batch's dead letters and wait for the broker to have them."""
+        if batch.dead:
+            start = time.perf_counter()
+            while True:
+                try:
+                    await self.dead_letters.send(batch.dead)
+                    break
+                except KafkaError as exc:
+                    log.warning("dead-letter topic unavailable (%s); retrying", exc)
+                    await asyncio.sleep(self.unavailable_backoff_s)
+            for letter in batch.dead:
+                self.metrics.documents_dead_lettered.labels(letter.reason).inc()
+            self.metrics.stage_seconds.labels("dead_letter").observe(time.perf_counter() - start)
