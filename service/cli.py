@@ -16,7 +16,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-_CONTRIBUTORS = ("encoder.cli", "deploy.local.cli", "service.commands", "service.demo")
+_CONTRIBUTORS = (
+    "encoder.cli",
+    "deploy.local.cli",
+    "service.commands",
+    "service.faust_runner",
+    "service.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
