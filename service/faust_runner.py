@@ -59,7 +59,7 @@ def create_app(settings: Any) -> Any:
         allow_empty=True,  # tombstones (null values) are deletes
     )
     metrics = Metrics()
-    app.sparse_metrics = metrics  # for tests and debugging
+    app.sparse_metrics = metrics  # type: ignore[attr-defined]  # for tests and debugging
 
     @app.agent(source)
     async def ingest(stream: Any) -> None:

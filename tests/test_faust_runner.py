@@ -53,7 +53,7 @@ async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
     }
     log_path = tmp_path / "faust.log"
     with log_path.open("wb") as log:
-        worker = subprocess.Popen(
+        worker = subprocess.Popen(  # noqa: ASYNC220 - a long-lived worker, not awaited
             [sys.executable, "-m", "service.cli", "faust"],
             env=env,
             cwd=tmp_path,  # Faust writes its data dir here
