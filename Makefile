@@ -3,7 +3,14 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test lint format demo stack-fetch stack-up stack-down stack-status
+.PHONY: setup install test check lint format demo stack-fetch stack-up stack-down stack-status
+
+# Fresh machine: apt packages, .venv, Kafka/Elasticsearch artifacts, JDK check, default model.
+setup:
+	scripts/setup
+
+# Fresh machine, tests: what CI runs (.ci/run): setup, lint, tests.
+check: setup lint test
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +31,7 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo:
+demo: setup
 	$(BIN)/sparse-ingest demo
 
 stack-fetch:
