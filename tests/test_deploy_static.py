@@ -282,10 +282,9 @@ def _project_dependencies() -> list[str]:
 
 
 def test_dockerfile_model_default_matches_the_registry() -> None:
-    from encoder.registry import DEFAULT_MODEL_NAME
-
+    default_dir = Settings.model_fields["model_dir"].default_factory()  # type: ignore[misc,call-arg]
     env = dockerfile_env()
-    assert env["SPARSE_INGEST_MODEL_DIR"] == f"/models/{DEFAULT_MODEL_NAME}"
+    assert env["SPARSE_INGEST_MODEL_DIR"] == f"/models/{default_dir.name}"
     assert dockerfile_arg_defaults()["BAKE_DEFAULT_MODEL"] == "0"
     text = DOCKERFILE.read_text()
     assert 'if [ "$BAKE_DEFAULT_MODEL" = "1" ]' in text
