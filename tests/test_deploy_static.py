@@ -291,6 +291,17 @@ def test_dockerfile_model_default_matches_the_registry() -> None:
     assert "sparse-ingest model fetch-default" in text
 
 
+def test_dockerfile_commands_exist_in_the_cli() -> None:
+    from service.cli import build_parser
+
+    parser = build_parser()
+    for command in (["model", "fetch-default"], ["run"]):  # the Dockerfile's RUN and CMD
+        args = parser.parse_args(command)
+        assert getattr(args, "handler", None) is not None, command
+    cmd = next(a for i, a in reversed(dockerfile()) if i == "CMD")
+    assert json.loads(cmd) == ["sparse-ingest", "run"]
+
+
 def test_dockerignore_sends_what_the_build_copies() -> None:
     patterns = [
         line.strip()
