@@ -19,6 +19,7 @@ from aiokafka.helpers import create_ssl_context
 from elasticsearch import (
     AsyncElasticsearch,
     AuthenticationException,
+    OrjsonSerializer,
 )
 from elasticsearch import (
     ConnectionError as EsConnectionError,
@@ -76,7 +77,10 @@ class StartupError(RuntimeError):
 
 
 def elasticsearch_client(settings: Settings) -> AsyncElasticsearch:
-    kwargs: dict[str, Any] = {"request_timeout": settings.es_request_timeout_s}
+    kwargs: dict[str, Any] = {
+        "request_timeout": settings.es_request_timeout_s,
+        "serializer": OrjsonSerializer(),  # bulk bodies are mostly float maps: ~5x faster
+    }
     if settings.es_username:
         password = settings.es_password.get_secret_value() if settings.es_password else ""
         kwargs["basic_auth"] = (settings.es_username, password)

@@ -177,6 +177,7 @@ class Pipeline(ConsumerRebalanceListener):
                         await asyncio.wait_for(self._prepare_q.put(batch), timeout=1.0)
                         return
                     except TimeoutError:
+                        self.update_lag()  # lag keeps growing while we are blocked: show it
                         if keepalive and not self._rebalancing:
                             late = await self.consumer.getmany(timeout_ms=0)
                             for recs in late.values():  # fetched before the pause took hold
@@ -241,13 +242,16 @@ class Pipeline(ConsumerRebalanceListener):
                 log.warning(
                     "offset commit failed (%s); the records will be re-read, which is safe", exc
                 )
-        for tp in assignment:
+        self.update_lag()
+
+    def update_lag(self) -> None:
+        """Consumer lag per partition: high watermark minus the committed offset."""
+        for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)
             done = self._committed.get(tp)
             if high is not None and done is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, high - done)
-                )
+                lag = max(0, high - done)
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     async def wait_drained(self, limit_s: float) -> bool:
         """Wait until every batch handed to the stages is written. False on timeout."""
@@ -286,3 +290,10 @@ class Pipeline(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        # Seed the committed offsets, so that lag is reported before our first commit.
+        for tp in assigned:
+            try:
+                offset = await self.consumer.committed(tp)
+            except KafkaError:
+                continue
+            self._committed[tp] = 0 if offset is None else offset

@@ -1,0 +1,283 @@
+"""End-to-end ingest throughput and latency through real Kafka and Elasticsearch.
+
+For each model, in one run (this machine is shared and noisy: compare the ratios):
+
+1. encoder only: the texts encoded in service-sized batches, nothing else (docs/s, tokens/s);
+2. end to end: the same texts produced to a topic first (a backlog), then the service started
+   in-process; time from start until every record is written and committed (docs/s), and the
+   ratio to (1) — the pipeline should hide Kafka and Elasticsearch (target >= 0.9);
+3. latency: a producer at a fixed fraction (default 0.5) of the end-to-end rate for a while,
+   with a 1 s refresh; end-to-end lag (Kafka record timestamp -> Elasticsearch ack) p50/p99.
+
+    .venv/bin/python bench/pipeline_bench.py --corpus /work/shared/eval/scifact \\
+        --model ~/.cache/sparse-ingest/models/splade-tiny-msmarco [--model OTHER_DIR] \\
+        [--docs 2000] [--json results/pipeline.json]
+
+Starts its own local stack (``deploy.local``) unless ``--kafka``/``--es-url`` are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from encoder import EncodeStats, SparseEncoder
+from service.app import Service
+from service.config import load_settings
+from service.demo_corpus import stdlib_documents
+
+
+def load_corpus(path: str | None, limit: int) -> list[dict[str, str]]:
+    if path is None:
+        return list(stdlib_documents(limit))
+    docs = []
+    with (Path(path) / "corpus.jsonl").open() as f:
+        for line in f:
+            d = json.loads(line)
+            docs.append({"id": str(d["_id"]), "title": d.get("title", ""), "body": d.get("text", "")})
+            if len(docs) >= limit:
+                break
+    return docs
+
+
+def encoder_only(encoder: SparseEncoder, texts: list[str], batch_docs: int) -> dict[str, float]:
+    stats = EncodeStats()
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_docs):
+        encoder.encode_documents(texts[i : i + batch_docs], stats)
+    elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "docs_per_s": len(texts) / elapsed,
+        "tokens_per_s": stats.tokens / elapsed,
+        "tokens": stats.tokens,
+    }
+
+
+async def make_topic(kafka: str, topic: str, partitions: int = 4) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+def records(docs: list[dict[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(d["id"].encode(), orjson.dumps(d)) for d in docs]
+
+
+async def produce_all(kafka: str, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k, value=v) for k, v in recs]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def produce_at_rate(kafka: str, topic: str, recs: list[tuple[bytes, bytes]], rate: float) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        start = time.monotonic()
+        for i, (k, v) in enumerate(recs):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await producer.send(topic, key=k, value=v)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _sample(svc: Service, name: str, labels: dict[str, str] | None = None) -> float:
+    return svc.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def wait_done(svc: Service, topic: str, expected: int, limit_s: float = 1800) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        consumed = _sample(svc, "sparse_ingest_documents_consumed_total", {"topic": topic})
+        if consumed >= expected and svc.pipeline is not None and svc.pipeline.idle:
+            await svc.pipeline.commit(force=True)
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"not done after {limit_s}s")
+
+
+def lag_quantiles(svc: Service, qs: tuple[float, ...]) -> dict[str, float | None]:
+    """Quantiles of the end-to-end lag histogram, interpolated inside the bucket."""
+    buckets: list[tuple[float, float]] = []
+    for family in svc.metrics.registry.collect():
+        for s in family.samples:
+            if s.name == "sparse_ingest_end_to_end_lag_seconds_bucket":
+                buckets.append((float(s.labels["le"]), s.value))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    out: dict[str, float | None] = {}
+    for q in qs:
+        if not total:
+            out[f"p{int(q * 100)}"] = None
+            continue
+        target, prev_le, prev_n = q * total, 0.0, 0.0
+        value = None
+        for le, n in buckets:
+            if n >= target:
+                if le == float("inf"):
+                    value = prev_le
+                else:
+                    frac = (target - prev_n) / (n - prev_n) if n > prev_n else 1.0
+                    value = prev_le + frac * (le - prev_le)
+                break
+            prev_le, prev_n = le, n
+        out[f"p{int(q * 100)}"] = value
+    return out
+
+
+async def end_to_end(
+    kafka: str, es_url: str, model_dir: Path, encoder: SparseEncoder, docs: list[dict[str, str]], tag: str
+) -> dict[str, float]:
+    topic = f"bench-e2e-{tag}-{int(time.time())}"
+    await make_topic(kafka, topic)
+    await produce_all(kafka, topic, records(docs))
+    settings = load_settings(
+        kafka_bootstrap_servers=kafka,
+        kafka_topics=[topic],
+        kafka_group_id=topic,
+        es_url=es_url,
+        es_index=topic,
+        model_dir=model_dir,
+        http_port=0,
+        es_refresh_interval="1s",
+    )
+    svc = Service(settings, encoder=encoder)
+    start = time.perf_counter()
+    await svc.start()
+    await wait_done(svc, topic, len(docs))
+    elapsed = time.perf_counter() - start
+    busy = _sample(svc, "sparse_ingest_encoder_busy_seconds_total")
+    stages = {
+        stage: _sample(svc, "sparse_ingest_stage_duration_seconds_sum", {"stage": stage})
+        for stage in ("prepare", "tokenize", "inference", "encode", "bulk")
+    }
+    await svc.stop()
+    return {
+        "seconds": elapsed,
+        "docs_per_s": len(docs) / elapsed,
+        "encoder_busy_fraction": busy / elapsed,
+        **{f"stage_{k}_seconds": v for k, v in stages.items()},
+    }
+
+
+async def latency(
+    kafka: str, es_url: str, model_dir: Path, encoder: SparseEncoder, docs: list[dict[str, str]], rate: float, tag: str
+) -> dict[str, Any]:
+    topic = f"bench-lat-{tag}-{int(time.time())}"
+    await make_topic(kafka, topic)
+    settings = load_settings(
+        kafka_bootstrap_servers=kafka,
+        kafka_topics=[topic],
+        kafka_group_id=topic,
+        es_url=es_url,
+        es_index=topic,
+        model_dir=model_dir,
+        http_port=0,
+        es_refresh_interval="1s",
+        batch_linger_ms=50,
+    )
+    svc = Service(settings, encoder=encoder)
+    await svc.start()
+    await asyncio.sleep(2)  # group join
+    start = time.perf_counter()
+    await produce_at_rate(kafka, topic, records(docs), rate)
+    await wait_done(svc, topic, len(docs))
+    elapsed = time.perf_counter() - start
+    quantiles = lag_quantiles(svc, (0.5, 0.9, 0.99))
+    await svc.stop()
+    return {"offered_docs_per_s": rate, "seconds": elapsed, **quantiles}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from deploy.local import LocalStack
+
+    stack = None
+    kafka, es_url = args.kafka, args.es_url
+    if not (kafka and es_url):
+        stack = LocalStack(name="bench")
+        info = stack.up()
+        kafka, es_url = info.kafka_bootstrap, info.es_url
+    assert kafka
+    assert es_url
+    results: dict[str, Any] = {"corpus": args.corpus or "stdlib docstrings", "models": {}}
+    try:
+        for i, model in enumerate(args.model):
+            model_dir = Path(model).expanduser()
+            encoder = SparseEncoder.load(model_dir)
+            docs = load_corpus(args.corpus, args.docs)
+            texts = [f"{d['title']} {d['body']}".strip() for d in docs]
+            encoder.encode_documents(texts[:64])  # warm up
+            row: dict[str, Any] = {"docs": len(docs)}
+            row["encoder_only"] = encoder_only(encoder, texts, 256)
+            row["end_to_end"] = await end_to_end(kafka, es_url, model_dir, encoder, docs, f"m{i}")
+            row["ratio_e2e_to_encoder"] = (
+                row["end_to_end"]["docs_per_s"] / row["encoder_only"]["docs_per_s"]
+            )
+            rate = args.load_fraction * row["end_to_end"]["docs_per_s"]
+            n_lat = max(50, min(len(docs), int(rate * args.latency_seconds)))
+            row["latency"] = await latency(kafka, es_url, model_dir, encoder, docs[:n_lat], rate, f"m{i}")
+            results["models"][encoder.metadata.name + f" ({model_dir.name})"] = row
+            print_row(encoder.metadata.name, row)
+    finally:
+        if stack is not None:
+            stack.down()
+    return results
+
+
+def print_row(name: str, row: dict[str, Any]) -> None:
+    enc, e2e, lat = row["encoder_only"], row["end_to_end"], row["latency"]
+    print(f"\n{name}: {row['docs']} docs")
+    print(f"  encoder only : {enc['docs_per_s']:8.1f} docs/s  {enc['tokens_per_s']:9.0f} tokens/s")
+    print(
+        f"  end to end   : {e2e['docs_per_s']:8.1f} docs/s  = {row['ratio_e2e_to_encoder']:.2f} x encoder-only"
+        f"  (encoder busy {e2e['encoder_busy_fraction']:.0%} of the wall time)"
+    )
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}s"  # noqa: E731
+    print(
+        f"  latency      : at {lat['offered_docs_per_s']:.1f} docs/s offered: p50 {fmt(lat['p50'])}"
+        f"  p90 {fmt(lat['p90'])}  p99 {fmt(lat['p99'])}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", help="BEIR folder (corpus.jsonl); default: stdlib docstrings")
+    parser.add_argument("--model", action="append", required=True, help="model folder (repeatable)")
+    parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--load-fraction", type=float, default=0.5)
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--kafka")
+    parser.add_argument("--es-url")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = asyncio.run(run(args))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
