@@ -107,6 +107,17 @@ def kafka_security(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+def dead_letter_max_value(settings: Settings) -> int:
+    """Dead letters carry the original value up to this length (longer ones, ``too_large``
+    records, are cut to it): what the service accepts, and at least ~1 MB."""
+    return max(settings.max_message_bytes, 960 * 1024)
+
+
+def dead_letter_request_size(settings: Settings) -> int:
+    """The dead-letter producer's ``max_request_size``: the value plus key and headers."""
+    return dead_letter_max_value(settings) + 64 * 1024
+
+
 def load_encoder(settings: Settings) -> Any:
     from encoder import SparseEncoder
 
@@ -190,6 +201,7 @@ class Service:
             client_id=f"{s.kafka_client_id}-dlq",
             acks="all",
             enable_idempotence=True,
+            max_request_size=dead_letter_request_size(s),
             **security,
         )
         self.consumer = AIOKafkaConsumer(
@@ -228,7 +240,7 @@ class Service:
         processor = BatchProcessor(
             encoder,
             sink,
-            DeadLetterWriter(self.producer, s.dead_letter_topic),
+            DeadLetterWriter(self.producer, s.dead_letter_topic, dead_letter_max_value(s)),
             message_contract(s),
             self.metrics,
             model_name=encoder.metadata.name,

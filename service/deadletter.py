@@ -3,19 +3,33 @@
 Headers added (all UTF-8): ``error.reason`` (a short code), ``error.message``, ``error.stage``
 (decode or index), ``source.topic``, ``source.partition``, ``source.offset``,
 ``source.timestamp``. The record's own headers are kept in front of them.
+
+A value longer than ``max_value_bytes`` (the service passes ``SPARSE_INGEST_MAX_MESSAGE_BYTES``,
+at least ~1 MB: only ``too_large`` records are that long) is cut to that length, with the headers
+``error.value.truncated`` (``true``) and ``error.value.bytes`` (the original length). If the
+broker still refuses a letter as too large (the dead-letter topic allows less), it is sent
+again with an empty value and the same two headers. Either way the letter gets out: a record
+too big for the dead-letter topic must not stop its partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
 from service.messages import RecordRef
 
+log = logging.getLogger(__name__)
+
 MAX_ERROR_MESSAGE = 2000
+DEFAULT_MAX_VALUE_BYTES = 1_000_000
+# What the producer or the broker says when a record is bigger than it takes: not retriable.
+TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +42,7 @@ class DeadLetter:
     message: str
     stage: str = "decode"
 
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
+    def kafka_headers(self, truncated_from: int | None = None) -> list[tuple[str, bytes]]:
         extra = {
             "error.reason": self.reason,
             "error.message": self.message[:MAX_ERROR_MESSAGE],
@@ -38,22 +52,57 @@ class DeadLetter:
             "source.offset": str(self.ref.offset),
             "source.timestamp": "" if self.ref.timestamp_ms is None else str(self.ref.timestamp_ms),
         }
+        if truncated_from is not None:
+            extra["error.value.truncated"] = "true"
+            extra["error.value.bytes"] = str(truncated_from)
         return [*self.headers, *((k, v.encode()) for k, v in extra.items())]
 
 
 class DeadLetterWriter:
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    ) -> None:
         self.producer = producer
         self.topic = topic
+        self.max_value_bytes = max_value_bytes
+
+    async def _enqueue(self, letter: DeadLetter, limit: int) -> asyncio.Future[object]:
+        value = letter.value
+        cut = None
+        if value is not None and len(value) > limit:
+            value, cut = value[:limit], len(value)
+        future: asyncio.Future[object] = await self.producer.send(
+            self.topic, value=value, key=letter.key, headers=letter.kafka_headers(cut)
+        )
+        return future
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Send and wait until the broker has every one (acks=all on the producer)."""
+        """Send and wait until the broker has every one (acks=all on the producer).
+
+        Raises a (retriable) KafkaError when the broker is not there; the caller retries.
+        """
         if not letters:
             return
-        futures = [
-            await self.producer.send(
-                self.topic, value=d.value, key=d.key, headers=d.kafka_headers()
+        futures: list[tuple[DeadLetter, asyncio.Future[object] | None]] = []
+        for d in letters:
+            try:
+                futures.append((d, await self._enqueue(d, self.max_value_bytes)))
+            except TOO_LARGE_ERRORS:  # over the producer's max_request_size
+                futures.append((d, None))
+        for d, future in futures:
+            try:
+                if future is not None:
+                    await future
+                    continue
+            except TOO_LARGE_ERRORS:  # over the dead-letter topic's max.message.bytes
+                pass
+            log.warning(
+                "dead letter of %s (%d bytes) is too large for %s: sent without its value",
+                d.ref,
+                len(d.value or b""),
+                self.topic,
             )
-            for d in letters
-        ]
-        await asyncio.gather(*futures)
+            await (await self._enqueue(d, 0))

@@ -29,6 +29,8 @@ def create_app(settings: Any) -> Any:
     from service.app import (
         build_sink,
         check_elasticsearch,
+        dead_letter_max_value,
+        dead_letter_request_size,
         elasticsearch_client,
         kafka_security,
         load_encoder,
@@ -72,13 +74,14 @@ def create_app(settings: Any) -> Any:
             bootstrap_servers=settings.kafka_bootstrap_servers,
             acks="all",
             enable_idempotence=True,
+            max_request_size=dead_letter_request_size(settings),
             **kafka_security(settings),
         )
         await producer.start()
         processor = BatchProcessor(
             encoder,
             sink,
-            DeadLetterWriter(producer, settings.dead_letter_topic),
+            DeadLetterWriter(producer, settings.dead_letter_topic, dead_letter_max_value(settings)),
             message_contract(settings),
             metrics,
             model_name=encoder.metadata.name,
