@@ -197,8 +197,8 @@ class BatchProcessor:
                 outcome = await self.sink.write(pending)
             except SinkUnavailable as exc:
                 self.metrics.bulk_requests.labels("unavailable").inc()
-                log.warning("Elasticsearch unavailable (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
+                log.warning("Elasticsearch unavailable (%s); retrying within %.1fs", exc, backoff)
+                await self._wait_until_back(backoff)
                 backoff = min(backoff * 2, self.max_unavailable_backoff_s)
                 continue
             now = time.time()
@@ -234,6 +234,20 @@ class BatchProcessor:
             else:
                 self.metrics.bulk_requests.labels("ok").inc()
         self.metrics.stage_seconds.labels("bulk").observe(time.perf_counter() - start)
+
+    async def _wait_until_back(self, limit: float) -> None:
+        """Back off for up to ``limit`` seconds, but end early once Elasticsearch, found
+        unreachable during the wait, answers again (a cheap probe each second): after an
+        outage writing resumes within about a second, not after the rest of a 30 s backoff."""
+        deadline = time.monotonic() + limit
+        was_down = False
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(1.0, left))
+            if await self.sink.reachable():
+                if was_down:
+                    return
+            else:
+                was_down = True
 
     async def finish(self, batch: Batch) -> None:
         """Send the batch's dead letters and wait for the broker to have them."""

@@ -170,6 +170,14 @@ class ElasticsearchSink:
             if "resource_already_exists_exception" not in str(exc):
                 raise
 
+    async def reachable(self, within_s: float = 2.0) -> bool:
+        """Does Elasticsearch answer (cluster health) within ``within_s`` seconds?"""
+        try:
+            await self.client.options(request_timeout=within_s).cluster.health()
+        except Exception:
+            return False
+        return True
+
     async def lookup(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, float]]]:
         """Content hash and vector of the stored documents with these ids (those that exist)."""
         if not ids:

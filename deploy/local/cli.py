@@ -31,9 +31,21 @@ def _stack(args: argparse.Namespace) -> LocalStack:
         es_port=getattr(args, "es_port", None),
         prometheus_port=getattr(args, "prometheus_port", None),
         security=getattr(args, "security", False),
+        es_settings=_pairs(getattr(args, "es_setting", None)),
+        kafka_settings=_pairs(getattr(args, "kafka_setting", None)),
         startup_timeout=getattr(args, "timeout", 180.0),
         log=_err,
     )
+
+
+def _pairs(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _guard(handler: Any) -> Any:
@@ -93,6 +105,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    result = _stack(args).restart_service(args.service, downtime=args.downtime)
+    print(f"{args.service}: {result}, started again, ready in {time.monotonic() - start:.1f}s")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _stack(args).status()
     if args.json:
@@ -130,9 +149,30 @@ def _add(subparsers: Any) -> None:
     p.add_argument("--es-port", type=int, default=None, help="fixed Elasticsearch HTTP port")
     p.add_argument("--prometheus-port", type=int, default=None, help="fixed Prometheus port")
     p.add_argument("--security", action="store_true", help="Elasticsearch with security on")
+    p.add_argument(
+        "--es-setting",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra elasticsearch.yml setting (repeatable), e.g. thread_pool.write.queue_size=1",
+    )
+    p.add_argument(
+        "--kafka-setting",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra server.properties setting (repeatable)",
+    )
     p.add_argument("--timeout", type=float, default=180.0, help="readiness timeout, seconds")
     p.add_argument("--json", action="store_true", help="print StackInfo as JSON")
     p.set_defaults(handler=_guard(cmd_up))
+
+    p = subparsers.add_parser(
+        "restart", help="stop one service and start it again (same data, ports, settings)"
+    )
+    _common(p)
+    p.add_argument("service", choices=["kafka", "elasticsearch", "prometheus"])
+    p.add_argument("--downtime", type=float, default=0.0, help="seconds to stay stopped")
+    p.add_argument("--timeout", type=float, default=180.0, help="readiness timeout, seconds")
+    p.set_defaults(handler=_guard(cmd_restart))
 
     p = subparsers.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     _common(p)

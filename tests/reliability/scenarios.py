@@ -24,6 +24,7 @@ from reliability_harness import (
     CommitWatch,
     FaultResult,
     Log,
+    Production,
     ServiceProcess,
     StreamSpec,
     add_stats,
@@ -219,3 +220,224 @@ async def _sigkill(env: Env, run: Run, kills: int, seconds_per_kill: float) -> F
             f"{kills - len(result.recovery_s)} kill(s) with no commit after them (nothing left)"
         )
     return await finish(env, run, result)
+
+
+# ------------------------------------------------------------------------------ helpers
+async def _when_committed(watch: CommitWatch, share: float, total: int, timeout: float) -> None:
+    """Until the group has committed ``share`` of ``total`` records."""
+    await watch.wait_progress(int(total * share) - 1, timeout)
+
+
+def _stack(env: Env) -> LocalStack:
+    if env.stack is None:
+        raise RuntimeError("this scenario stops and starts services: give it its own stack")
+    return env.stack
+
+
+# ------------------------------------------------------------------------------ ES down
+async def es_restart(env: Env, docs: int = 1500, outage_s: float = 30.0) -> FaultResult:
+    """Elasticsearch really stopped (SIGTERM to the node) for ``outage_s`` mid-stream, then
+    started again on the same data; the service (in-process, default backoff) keeps going."""
+    spec = StreamSpec(docs=docs, seed=env.seed + 3)
+    async with setup(env, "es-restart", spec) as run:
+        stack = _stack(env)
+        result = FaultResult(f"Elasticsearch stopped {outage_s:.0f}s")
+        total = len(run.stream.records)
+        rate = total / (outage_s + 30.0)
+        settings = settings_for(env, run.topic, run.index, run.group)
+        start = time.monotonic()
+        async with (
+            CommitWatch(env.kafka, run.group, run.topic, **env.kafka_client) as watch,
+            in_process(env, settings) as svc,
+        ):
+            producing = asyncio.create_task(
+                produce_stream(env.kafka, run.topic, run.stream.records, rate=rate)
+            )
+            try:
+                await _when_committed(watch, 0.2, total, 120)
+                before = await index_stats(run.es, run.index)
+                await asyncio.to_thread(stack.stop_service, "elasticsearch")
+                stopped = time.monotonic()
+                await asyncio.sleep(outage_s)
+                await asyncio.to_thread(stack.start_service, "elasticsearch")
+                back = time.monotonic()
+                result.extra["es_start_s"] = round(back - stopped - outage_s, 1)
+                await producing
+                await wait_committed(env.kafka, run.group, run.topic, 240, **env.kafka_client)
+                await asyncio.sleep(0.5)
+            finally:
+                producing.cancel()
+            result.extra["unavailable"] = metric(
+                svc, "sparse_ingest_bulk_requests_total", {"outcome": "unavailable"}
+            )
+        result.wall_s = time.monotonic() - start
+        if (r := watch.progress_after(back)) is not None:
+            result.recovery_s = [r]
+        result.notes.append(
+            f"Elasticsearch took {result.extra['es_start_s']}s to be ready again; "
+            f"{result.extra['unavailable']:.0f} bulk attempts failed while it was away; "
+            "recovery counted from ready"
+        )
+        return await finish(env, run, result, before)
+
+
+# ------------------------------------------------------------------------------ ES 429
+async def _noise(
+    es: AsyncElasticsearch, index: str, stop: asyncio.Event, stats: dict[str, int]
+) -> None:
+    """Bulk-write small documents as fast as possible (to fill Elasticsearch's write queue)."""
+    body: list[dict[str, Any]] = []
+    for i in range(300):
+        body += [{"index": {"_index": index}}, {"n": i, "text": "noise " * 20}]
+    while not stop.is_set():
+        try:
+            resp = await es.bulk(operations=body)
+            stats["requests"] += 1
+            stats["rejected_items"] += sum(
+                1 for item in resp["items"] if item["index"].get("status") == 429
+            )
+        except Exception as exc:
+            stats["rejected_requests"] += "429" in str(exc)
+            await asyncio.sleep(0.01)
+
+
+async def es_rejections(
+    env: Env, docs: int = 1500, writers: int = 4, noise_s: float = 15.0, enough: int = 200
+) -> FaultResult:
+    """Elasticsearch rejecting bulk requests (429, es_rejected_execution_exception) because
+    other writers keep its write queue full: the stack runs with ``thread_pool.write.size: 1``
+    and ``queue_size: 1``. The noise lasts ``noise_s`` seconds or until the service has had
+    ``enough`` items refused; the service retries (one client retry, then its own) until all
+    is written."""
+    spec = StreamSpec(docs=docs, seed=env.seed + 4)
+    async with setup(env, "es-429", spec) as run:
+        result = FaultResult("Elasticsearch 429s")
+        noise_index = f"{run.index}-noise"
+        stop = asyncio.Event()
+        noise_stats = {"requests": 0, "rejected_items": 0, "rejected_requests": 0}
+        settings = settings_for(
+            env,
+            run.topic,
+            run.index,
+            run.group,
+            es_bulk_max_retries=1,
+            es_bulk_initial_backoff_s=0.2,
+            es_unavailable_backoff_s=0.5,
+            batch_max_docs=64,
+        )
+        pool_before = await _write_rejections(run.es)
+        start = time.monotonic()
+        async with env.es() as noise_es:
+            await noise_es.indices.create(
+                index=noise_index, settings={"number_of_replicas": 0, "refresh_interval": "30s"}
+            )
+            noise = [
+                asyncio.create_task(_noise(noise_es, noise_index, stop, noise_stats))
+                for _ in range(writers)
+            ]
+            try:
+                await asyncio.sleep(0.5)  # the queue is busy before the stream starts
+                async with in_process(env, settings) as svc:
+                    producing = asyncio.create_task(
+                        produce_stream(env.kafka, run.topic, run.stream.records, rate=None)
+                    )
+                    deadline = time.monotonic() + noise_s
+                    while time.monotonic() < deadline:
+                        refused = sum(_labelled(svc, "sparse_ingest_bulk_item_errors").values())
+                        if refused >= enough:
+                            break
+                        await asyncio.sleep(0.2)
+                    result.extra["noise_s"] = round(time.monotonic() - start, 1)
+                    stop.set()
+                    await producing
+                    await wait_committed(env.kafka, run.group, run.topic, 240, **env.kafka_client)
+                    errors = _labelled(svc, "sparse_ingest_bulk_item_errors")
+                    retries = metric(svc, "sparse_ingest_bulk_requests_total", {"outcome": "retry"})
+            finally:
+                stop.set()
+                await asyncio.gather(*noise, return_exceptions=True)
+                await noise_es.options(ignore_status=404).indices.delete(index=noise_index)
+        result.wall_s = time.monotonic() - start
+        rejected = await _write_rejections(run.es) - pool_before
+        result.extra.update(
+            node_write_rejections=rejected,
+            service_item_errors=errors,
+            service_batch_retries=retries,
+            noise=noise_stats,
+        )
+        result.notes.append(
+            f"{writers} other writers for {result.extra['noise_s']}s: the write thread pool "
+            f"rejected {rejected} requests; the service had {sum(errors.values()):.0f} items "
+            f"refused after the client's retry ({', '.join(errors)}) and retried batches "
+            f"{retries:.0f} times"
+        )
+        return await finish(env, run, result)
+
+
+async def _write_rejections(es: AsyncElasticsearch) -> int:
+    stats = await es.nodes.stats(metric="thread_pool")
+    return sum(int(n["thread_pool"]["write"]["rejected"]) for n in stats["nodes"].values())
+
+
+def _labelled(service: Service, family: str) -> dict[str, float]:
+    return {
+        ",".join(s.labels.values()): s.value
+        for m in service.metrics.registry.collect()
+        if m.name == family
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+
+
+# ------------------------------------------------------------------------------ Kafka down
+async def kafka_restart(env: Env, docs: int = 1500, downtime_s: float = 10.0) -> FaultResult:
+    """The Kafka broker stopped (controlled shutdown) mid-stream and started again on the same
+    data ``downtime_s`` later, while the producer keeps sending and the service consumes."""
+    spec = StreamSpec(docs=docs, seed=env.seed + 5)
+    async with setup(env, "kafka-restart", spec) as run:
+        stack = _stack(env)
+        result = FaultResult(f"Kafka restarted ({downtime_s:.0f}s down)")
+        total = len(run.stream.records)
+        rate = total / (downtime_s + 30.0)
+        settings = settings_for(env, run.topic, run.index, run.group)
+        start = time.monotonic()
+        async with (
+            CommitWatch(env.kafka, run.group, run.topic, **env.kafka_client) as watch,
+            in_process(env, settings) as svc,
+        ):
+            production = Production()
+            producing = asyncio.create_task(
+                produce_stream(
+                    env.kafka,
+                    run.topic,
+                    run.stream.records,
+                    rate=rate,
+                    state=production,
+                    log=env.log,
+                )
+            )
+            try:
+                await _when_committed(watch, 0.2, total, 120)
+                began = time.monotonic()
+                result.extra["stop"] = await asyncio.to_thread(stack.stop_service, "kafka")
+                await asyncio.sleep(downtime_s)
+                await asyncio.to_thread(stack.start_service, "kafka")
+                back = time.monotonic()
+                result.extra["restart_s"] = round(back - began, 1)
+                await producing
+                await wait_committed(env.kafka, run.group, run.topic, 240, **env.kafka_client)
+                await asyncio.sleep(0.5)
+            finally:
+                producing.cancel()
+            result.extra["commit_failures"] = metric(
+                svc, "sparse_ingest_commits_total", {"outcome": "failed"}
+            )
+        result.wall_s = time.monotonic() - start
+        if (r := watch.progress_after(back)) is not None:
+            result.recovery_s = [r]
+        result.notes.append(
+            f"broker {result.extra['stop']} and back in {result.extra['restart_s']}s; "
+            f"{result.extra['commit_failures']:.0f} commits failed meanwhile; producer chunks "
+            f"sent again: {production.resent_chunks}; recovery counted from ready"
+        )
+        return await finish(env, run, result)
