@@ -441,3 +441,59 @@ async def kafka_restart(env: Env, docs: int = 1500, downtime_s: float = 10.0) ->
             f"sent again: {production.resent_chunks}; recovery counted from ready"
         )
         return await finish(env, run, result)
+
+
+# ------------------------------------------------------------------------------ group churn
+async def group_churn(env: Env, docs: int = 1500, step_s: float = 3.0) -> FaultResult:
+    """Consumers joining and leaving the group during the stream (in-process services, one
+    group): A; +B; +C; -A; +D; -B; -C; D ends it. Every leave is a clean stop (drain, commit,
+    leave the group); every change is a rebalance with partitions moving between members.
+    Explicit versions (field and header) in this stream."""
+    spec = StreamSpec(docs=docs, seed=env.seed + 6, explicit_versions=True)
+    async with setup(env, "churn", spec) as run:
+        result = FaultResult("group churn (4 joins, 3 leaves)")
+        total = len(run.stream.records)
+        plan = ["+A", "+B", "+C", "-A", "+D", "-B", "-C"]
+        rate = total / (step_s * (len(plan) + 1))
+        settings = settings_for(env, run.topic, run.index, run.group)
+        members: dict[str, Service] = {}
+        consumed: dict[str, float] = {}
+        changes: list[float] = []
+        start = time.monotonic()
+        async with CommitWatch(env.kafka, run.group, run.topic, **env.kafka_client) as watch:
+            producing = asyncio.create_task(
+                produce_stream(env.kafka, run.topic, run.stream.records, rate=rate)
+            )
+            try:
+                for step in plan:
+                    name = step[1:]
+                    changes.append(time.monotonic())
+                    if step[0] == "+":
+                        members[name] = Service(settings, encoder=env.encoder)
+                        await members[name].start()
+                    else:
+                        svc = members.pop(name)
+                        await svc.stop()
+                        consumed[name] = _consumed(svc, run.topic)
+                    await asyncio.sleep(step_s)
+                await producing
+                await wait_committed(env.kafka, run.group, run.topic, 240, **env.kafka_client)
+                await asyncio.sleep(0.5)
+            finally:
+                producing.cancel()
+                for name, svc in members.items():
+                    await svc.stop()
+                    consumed[name] = _consumed(svc, run.topic)
+        result.wall_s = time.monotonic() - start
+        result.recovery_s = [r for t in changes[1:] if (r := watch.progress_after(t)) is not None]
+        result.extra["consumed"] = consumed
+        result.notes.append(
+            f"records consumed per member {consumed} (sum {sum(consumed.values()):.0f} for "
+            f"{total} records: the excess was re-read after a rebalance); recovery = from a "
+            "membership change to the next commit"
+        )
+        return await finish(env, run, result)
+
+
+def _consumed(service: Service, topic: str) -> float:
+    return metric(service, "sparse_ingest_documents_consumed_total", {"topic": topic})
