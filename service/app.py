@@ -16,6 +16,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
+from elastic_transport import TlsError
 from elasticsearch import (
     AsyncElasticsearch,
     AuthenticationException,
@@ -118,6 +119,51 @@ def dead_letter_request_size(settings: Settings) -> int:
     return dead_letter_max_value(settings) + 64 * 1024
 
 
+class _LogCapture(logging.Handler):
+    """Keeps the last record of ``logger`` that contains ``text`` while in the ``with``."""
+
+    def __init__(self, logger: str, text: str) -> None:
+        super().__init__(logging.ERROR)
+        self.logger = logging.getLogger(logger)
+        self.text = text
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.last = message
+
+    def __enter__(self) -> _LogCapture:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def kafka_connection_error(settings: Settings, exc: Exception, cause: str) -> str:
+    """Why the Kafka clients could not start, with the setting to check. aiokafka raises
+    "Unable to bootstrap" whatever went wrong and logs the cause (a refused password, an
+    unknown CA): ``cause`` is that log line."""
+    reason = cause.split('": ', 1)[-1] if cause else f"{type(exc).__name__}: {exc}"
+    where = f"Kafka at {settings.kafka_bootstrap_servers}"
+    if "SaslAuthentication" in reason or "SASL" in reason.upper().split(":")[0]:
+        return (
+            f"{where} refused the SASL credentials ({reason}): check "
+            "SPARSE_INGEST_KAFKA_SASL_MECHANISM / SPARSE_INGEST_KAFKA_SASL_USERNAME / "
+            "SPARSE_INGEST_KAFKA_SASL_PASSWORD"
+        )
+    if "CERTIFICATE" in reason.upper() or "SSL" in reason.upper():
+        return (
+            f"TLS with {where} failed ({reason}): check SPARSE_INGEST_KAFKA_SSL_CAFILE and "
+            "SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL"
+        )
+    return (
+        f"cannot reach {where} (SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS; "
+        f"SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL is {settings.kafka_security_protocol}): {reason}"
+    )
+
+
 def load_encoder(settings: Settings) -> Any:
     from encoder import SparseEncoder
 
@@ -135,20 +181,27 @@ async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) ->
     try:
         # Not `GET /` (info) or `HEAD /` (ping): their handler lives in the rest-root module,
         # which minimal distributions (such as the integ-test zip) leave out.
-        await client.cluster.health()
-        nodes = await client.nodes.info(node_id="_local", metric="process")
+        # One attempt, no retries: the client logs a traceback per retry, which would bury
+        # the one line that says what to fix.
+        quick = client.options(max_retries=0)
+        await quick.cluster.health()
+        nodes = await quick.nodes.info(node_id="_local", metric="process")
     except AuthenticationException:
         raise StartupError(
-            f"Elasticsearch at {settings.es_url} refused the credentials: check "
+            f"Elasticsearch at {settings.es_url_redacted} refused the credentials: check "
             "SPARSE_INGEST_ES_USERNAME / SPARSE_INGEST_ES_PASSWORD or SPARSE_INGEST_ES_API_KEY"
         ) from None
     except EsConnectionError as exc:
+        # str(exc) is just "TLS error" / "Connection error"; the cause is in .message.
+        detail = str(getattr(exc, "message", "") or exc)
         hint = ""
-        if "CERTIFICATE" in str(exc).upper() or "SSL" in str(exc).upper():
+        if isinstance(exc, TlsError) or "CERTIFICATE" in detail.upper():
             hint = " (TLS: set SPARSE_INGEST_ES_CA_CERTS to the cluster's CA file)"
+        elif settings.es_url.startswith("http:") and "disconnected" in detail:
+            hint = " (does it want https://?)"
         raise StartupError(
-            f"cannot reach Elasticsearch at {settings.es_url} (SPARSE_INGEST_ES_URL){hint}: "
-            f"{type(exc).__name__}"
+            f"cannot reach Elasticsearch at {settings.es_url_redacted} (SPARSE_INGEST_ES_URL){hint}: "
+            f"{type(exc).__name__}: {detail}"
         ) from None
     versions = {n.get("version", "?") for n in nodes.body.get("nodes", {}).values()}
     return ", ".join(sorted(versions)) or "unknown"
@@ -182,7 +235,7 @@ class Service:
 
         self.es = elasticsearch_client(s)
         version = await check_elasticsearch(self.es, s)
-        log.info("Elasticsearch %s at %s", version, s.es_url)
+        log.info("Elasticsearch %s at %s", version, s.es_url_redacted)
         sink = build_sink(s, self.es, meta.name)
         await sink.ensure_index(create=s.es_create_index)
         self.searcher = Searcher(self.es, s.es_index, s.es_vector_field, s.text_fields)
@@ -216,15 +269,14 @@ class Service:
             isolation_level="read_committed",
             **security,
         )
+        failures = _LogCapture("aiokafka", "Unable connect to")
         try:
-            await self.producer.start()
-            await self.consumer.start()
+            with failures:
+                await self.producer.start()
+                await self.consumer.start()
         except KafkaConnectionError as exc:
             await self._stop_kafka_clients()
-            raise StartupError(
-                f"cannot reach Kafka at {s.kafka_bootstrap_servers} "
-                f"(SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS): {exc}"
-            ) from None
+            raise StartupError(kafka_connection_error(s, exc, failures.last)) from None
         except KafkaError as exc:
             await self._stop_kafka_clients()
             raise StartupError(
@@ -303,7 +355,7 @@ class Service:
         assert self.es is not None
         health = await asyncio.wait_for(self.es.cluster.health(), 5)
         status = str(health.get("status"))
-        return status in ("green", "yellow"), f"{self.settings.es_url} cluster {status}"
+        return status in ("green", "yellow"), f"{self.settings.es_url_redacted} cluster {status}"
 
     async def _check_kafka(self) -> tuple[bool, str]:
         if self.consumer is None:
@@ -352,7 +404,11 @@ def _metadata_fields(meta: Any) -> dict[str, Any]:
 async def run_forever(settings: Settings) -> int:
     """``sparse-ingest run``: start, serve until SIGTERM/SIGINT, drain, commit, exit."""
     service = Service(settings)
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        await service.stop()  # close what did start (clients, sockets) before exiting
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)

@@ -7,6 +7,7 @@ Secrets are ``SecretStr``: they print as ``**********`` in logs, errors and ``re
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +31,19 @@ def _default_model_dir() -> Path:
     cache = os.environ.get("SPARSE_INGEST_CACHE")
     base = Path(cache) if cache else Path.home() / ".cache" / "sparse-ingest"
     return base / "models" / "splade-tiny-msmarco"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in it masked: ``https://user:**********@host:9200``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, _ = userinfo.partition(":")
+    return parts._replace(netloc=f"{user}{':**********' if sep else ''}@{hostport}").geturl()
 
 
 def _split_list(value: object) -> object:
@@ -142,6 +156,13 @@ class Settings(BaseSettings):
             raise ValueError('must not contain spaces or any of \\ / * ? " < > | , # :')
         return value
 
+    @field_validator("es_ca_certs", "kafka_ssl_cafile")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file (give the CA certificate, PEM)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (
@@ -155,6 +176,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SPARSE_INGEST_ES_PASSWORD is set but SPARSE_INGEST_ES_USERNAME is not"
             )
+        if self.es_ca_certs is not None and not self.es_url.startswith("https://"):
+            raise ValueError(
+                "SPARSE_INGEST_ES_CA_CERTS is set but SPARSE_INGEST_ES_URL is not https://"
+            )
         if self.es_api_key is not None and self.es_username:
             raise ValueError(
                 "set either SPARSE_INGEST_ES_API_KEY or SPARSE_INGEST_ES_USERNAME, not both"
@@ -162,12 +187,19 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def es_url_redacted(self) -> str:
+        """``es_url`` fit for logs and messages (a password in the URL is masked)."""
+        return redact_url(self.es_url)
+
+    @property
     def dead_letter_topic(self) -> str:
         return self.kafka_dead_letter_topic or f"{self.kafka_topics[0]}.dlq"
 
     def redacted(self) -> dict[str, object]:
         """The settings as a dict fit for logs: secrets stay masked."""
-        return {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self}
+        out = {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self}
+        out["es_url"] = self.es_url_redacted
+        return out
 
 
 def load_settings(**overrides: object) -> Settings:

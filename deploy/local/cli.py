@@ -31,6 +31,8 @@ def _stack(args: argparse.Namespace) -> LocalStack:
         es_port=getattr(args, "es_port", None),
         prometheus_port=getattr(args, "prometheus_port", None),
         security=getattr(args, "security", False),
+        es_tls=getattr(args, "es_tls", False),
+        kafka_security=getattr(args, "kafka_security", False),
         es_settings=_pairs(getattr(args, "es_setting", None)),
         kafka_settings=_pairs(getattr(args, "kafka_setting", None)),
         startup_timeout=getattr(args, "timeout", 180.0),
@@ -149,6 +151,14 @@ def _add(subparsers: Any) -> None:
     p.add_argument("--es-port", type=int, default=None, help="fixed Elasticsearch HTTP port")
     p.add_argument("--prometheus-port", type=int, default=None, help="fixed Prometheus port")
     p.add_argument("--security", action="store_true", help="Elasticsearch with security on")
+    p.add_argument(
+        "--es-tls", action="store_true", help="Elasticsearch over https (implies --security)"
+    )
+    p.add_argument(
+        "--kafka-security",
+        action="store_true",
+        help="Kafka SSL, SASL_PLAINTEXT and SASL_SSL listeners (PLAIN, SCRAM-SHA-256/512)",
+    )
     p.add_argument(
         "--es-setting",
         action="append",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import ssl
 import struct
 import urllib.error
 import urllib.request
@@ -111,15 +112,20 @@ def kafka_ready(bootstrap: str, timeout: float = 5.0) -> bool:
 
 
 def http_json(
-    url: str, timeout: float = 5.0, auth: tuple[str, str] | None = None
+    url: str,
+    timeout: float = 5.0,
+    auth: tuple[str, str] | None = None,
+    cafile: str | None = None,
 ) -> tuple[int, object]:
-    """GET ``url``; returns (status, parsed JSON or text). Raises OSError if unreachable."""
+    """GET ``url``; returns (status, parsed JSON or text). Raises OSError if unreachable.
+    ``cafile``: the CA to trust for an https URL."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
@@ -131,11 +137,14 @@ def http_json(
 
 
 def elasticsearch_health(
-    url: str, timeout: float = 5.0, auth: tuple[str, str] | None = None
+    url: str,
+    timeout: float = 5.0,
+    auth: tuple[str, str] | None = None,
+    cafile: str | None = None,
 ) -> str | None:
     """The cluster health status ("green", "yellow", "red"), or None if unreachable."""
     try:
-        status, body = http_json(f"{url}/_cluster/health", timeout, auth)
+        status, body = http_json(f"{url}/_cluster/health", timeout, auth, cafile)
     except OSError:
         return None
     if status == 200 and isinstance(body, dict):
@@ -144,9 +153,12 @@ def elasticsearch_health(
 
 
 def elasticsearch_ready(
-    url: str, timeout: float = 5.0, auth: tuple[str, str] | None = None
+    url: str,
+    timeout: float = 5.0,
+    auth: tuple[str, str] | None = None,
+    cafile: str | None = None,
 ) -> bool:
-    return elasticsearch_health(url, timeout, auth) in ("yellow", "green")
+    return elasticsearch_health(url, timeout, auth, cafile) in ("yellow", "green")
 
 
 def prometheus_ready(url: str, timeout: float = 5.0) -> bool:

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from deploy.local import artifacts as fetching
-from deploy.local import probes
+from deploy.local import certs, probes
 from deploy.local.errors import ServiceStartError, StackAlreadyRunningError, StackError
 from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import DEFAULT_STACK_NAME, cache_dir, default_run_dir
@@ -69,6 +69,12 @@ class StackInfo:
     es_log: Path | None = None
     prometheus_log: Path | None = None
     es_auth: tuple[str, str] | None = None  # (user, password) when security is on
+    es_ca_certs: Path | None = None  # the CA of an https Elasticsearch (es_tls)
+    # kafka_security: bootstrap per listener ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    # the CA of the SSL listeners, and the (user, password) known to PLAIN and SCRAM-SHA-256/512.
+    kafka_listeners: dict[str, str] = field(default_factory=dict)
+    kafka_ca_file: Path | None = None
+    kafka_sasl: tuple[str, str] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -79,6 +85,8 @@ class StackInfo:
                 data[key] = str(value)
         if self.es_auth is not None:
             data["es_auth"] = list(self.es_auth)
+        if self.kafka_sasl is not None:
+            data["kafka_sasl"] = list(self.kafka_sasl)
         return data
 
     @classmethod
@@ -87,6 +95,7 @@ class StackInfo:
             return Path(data[key]) if data.get(key) else None
 
         auth = data.get("es_auth")
+        sasl = data.get("kafka_sasl")
         return cls(
             name=data["name"],
             run_dir=Path(data["run_dir"]),
@@ -97,6 +106,10 @@ class StackInfo:
             es_log=path("es_log"),
             prometheus_log=path("prometheus_log"),
             es_auth=(auth[0], auth[1]) if auth else None,
+            es_ca_certs=path("es_ca_certs"),
+            kafka_listeners=dict(data.get("kafka_listeners", {})),
+            kafka_ca_file=path("kafka_ca_file"),
+            kafka_sasl=(sasl[0], sasl[1]) if sasl else None,
             versions=dict(data.get("versions", {})),
             pids={k: int(v) for k, v in data.get("pids", {}).items()},
         )
@@ -106,10 +119,22 @@ class StackInfo:
         if self.kafka_bootstrap:
             lines.append(f"  kafka:         bootstrap servers {self.kafka_bootstrap}")
             lines.append(f"                 log {self.kafka_log}")
+            for proto, address in self.kafka_listeners.items():
+                if proto != "PLAINTEXT":
+                    lines.append(f"                 {proto} listener {address}")
+            if self.kafka_ca_file:
+                lines.append(f"                 CA {self.kafka_ca_file}")
+            if self.kafka_sasl:
+                lines.append(
+                    f"                 SASL PLAIN/SCRAM-SHA-256/SCRAM-SHA-512 user "
+                    f"{self.kafka_sasl[0]}, password {self.kafka_sasl[1]}"
+                )
         if self.es_url:
             auth = f" (user {self.es_auth[0]}, password {self.es_auth[1]})" if self.es_auth else ""
             lines.append(f"  elasticsearch: {self.es_url}{auth}")
             lines.append(f"                 log {self.es_log}")
+            if self.es_ca_certs:
+                lines.append(f"                 CA {self.es_ca_certs}")
         if self.prometheus_url:
             lines.append(f"  prometheus:    {self.prometheus_url}")
             lines.append(f"                 log {self.prometheus_log}")
@@ -227,6 +252,8 @@ class LocalStack:
         kafka_heap: str = "512m",
         es_heap: str = "1g",
         security: bool = False,
+        es_tls: bool = False,
+        kafka_security: bool = False,
         es_settings: dict[str, Any] | None = None,
         kafka_settings: dict[str, Any] | None = None,
         startup_timeout: float = 180.0,
@@ -242,7 +269,12 @@ class LocalStack:
         self.kafka_partitions = kafka_partitions
         self.kafka_heap = kafka_heap
         self.es_heap = es_heap
-        self.security = security
+        # es_tls: Elasticsearch over https with a CA made for the stack (implies security).
+        # kafka_security: SSL, SASL_PLAINTEXT and SASL_SSL listeners besides PLAINTEXT, SASL
+        # PLAIN + SCRAM-SHA-256/512 with one generated user.
+        self.security = security or es_tls
+        self.es_tls = es_tls
+        self.kafka_security = kafka_security
         # Extra node settings, e.g. {"thread_pool.write.queue_size": 1} (elasticsearch.yml) or
         # {"group.min.session.timeout.ms": 1000} (server.properties); they win over ours.
         self.es_settings = dict(es_settings or {})
@@ -252,6 +284,9 @@ class LocalStack:
         self._children: list[subprocess.Popen[bytes]] = []
 
     # ------------------------------------------------------------------ state
+    def _ca(self) -> tuple[Path, Path]:
+        return certs.make_ca(self.run_dir / "tls")
+
     @property
     def state_file(self) -> Path:
         return self.run_dir / "state.json"
@@ -420,6 +455,9 @@ class LocalStack:
             "group.initial.rebalance.delay.ms": 0,
             "log.retention.hours": 24,
         }
+        scram: list[str] = []
+        if self.kafka_security:
+            scram = self._kafka_security(info, kdir, properties, port, taken)
         properties.update(self.kafka_settings)
         props.write_text(
             "# generated by deploy.local: single-node KRaft (broker + controller)\n"
@@ -452,6 +490,8 @@ class LocalStack:
         cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
         fmt = [*base, "-Xmx256m", "kafka.tools.StorageTool", "format", "--standalone"]
         fmt += ["-t", cluster_id, "-c", str(props)]
+        for credential in scram:
+            fmt += ["--add-scram", credential]
         self.log(f"formatting Kafka storage (cluster id {cluster_id}) ...")
         proc = subprocess.run(fmt, capture_output=True, text=True, check=False, timeout=180)
         if proc.returncode != 0:
@@ -473,11 +513,59 @@ class LocalStack:
             extra={"port": port, "controller_port": controller_port, "log": str(server_log)},
         )
         info.kafka_bootstrap = f"{HOST}:{port}"
+        info.kafka_listeners["PLAINTEXT"] = info.kafka_bootstrap
         info.kafka_log = server_log
         info.versions["kafka"] = KAFKA_VERSION
         info.versions["kafka_java"] = java.version
         bootstrap = info.kafka_bootstrap
         return "kafka", lambda: probes.kafka_ready(bootstrap, 3.0), stdout_log
+
+    def _kafka_security(
+        self,
+        info: StackInfo,
+        kdir: Path,
+        properties: dict[str, Any],
+        plain_port: int,
+        taken: set[int],
+    ) -> list[str]:
+        """Add SSL, SASL_PLAINTEXT and SASL_SSL listeners (PLAINTEXT stays, for the broker
+        itself and the tools). Returns the SCRAM credentials for ``StorageTool format``."""
+        server = certs.make_server_cert(kdir / "certs", "kafka", self._ca())
+        user, password = "sparse", secrets.token_urlsafe(12)
+        listeners = {"PLAINTEXT": plain_port}
+        for proto in ("SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            listeners[proto] = pick_port(None, f"Kafka {proto}", taken)
+        controller = properties["listeners"].split(",")[-1]
+        properties["listeners"] = ",".join(
+            [*(f"{p}://{HOST}:{n}" for p, n in listeners.items()), controller]
+        )
+        properties["advertised.listeners"] = ",".join(
+            f"{p}://{HOST}:{n}" for p, n in listeners.items()
+        )
+        properties["listener.security.protocol.map"] = "CONTROLLER:PLAINTEXT," + ",".join(
+            f"{p}:{p}" for p in listeners
+        )
+        properties.update(
+            {
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(server.chain_pem),
+                "ssl.client.auth": "none",
+                "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            }
+        )
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{user}" password="{password}" user_{user}="{password}";'
+        )
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        for listener in ("sasl_plaintext", "sasl_ssl"):
+            properties[f"listener.name.{listener}.plain.sasl.jaas.config"] = plain
+            for mechanism in ("scram-sha-256", "scram-sha-512"):
+                properties[f"listener.name.{listener}.{mechanism}.sasl.jaas.config"] = scram
+        info.kafka_listeners = {p: f"{HOST}:{n}" for p, n in listeners.items()}
+        info.kafka_ca_file = server.ca
+        info.kafka_sasl = (user, password)
+        return [f"SCRAM-SHA-{bits}=[name={user},password={password}]" for bits in (256, 512)]
 
     # ------------------------------------------------------------------ elasticsearch
     def _es_dirs(self) -> tuple[Path, Path, tuple[int, int] | None]:
@@ -548,6 +636,17 @@ class LocalStack:
         if self.security:
             settings["xpack.security.http.ssl.enabled"] = False
             settings["xpack.security.transport.ssl.enabled"] = False
+        scheme = "http"
+        if self.es_tls:
+            # ES reads its key and certificates from its config dir only.
+            server = certs.make_server_cert(conf / "certs", "elasticsearch", self._ca())
+            settings["xpack.security.http.ssl.enabled"] = True
+            settings["xpack.security.http.ssl.key"] = f"certs/{server.key.name}"
+            settings["xpack.security.http.ssl.certificate"] = f"certs/{server.cert.name}"
+            settings["xpack.security.http.ssl.certificate_authorities"] = ["certs/ca.crt"]
+            shutil.copy2(server.ca, conf / "certs" / "ca.crt")
+            info.es_ca_certs = server.ca
+            scheme = "https"
         settings.update(self.es_settings)
         (conf / "elasticsearch.yml").write_text(
             "# generated by deploy.local\n"
@@ -570,7 +669,7 @@ class LocalStack:
             auth = ("elastic", password)
         es_log = logs / f"{cluster}.log"
         stdout_log = logs / "stdout.log"
-        url = f"http://{HOST}:{http_port}"
+        url = f"{scheme}://{HOST}:{http_port}"
         as_user = f" as user {ES_USER}" if user else ""
         self.log(
             f"starting Elasticsearch {ELASTICSEARCH_VERSION} on {url}{as_user} "
@@ -593,8 +692,10 @@ class LocalStack:
         info.versions["elasticsearch"] = ELASTICSEARCH_VERSION
         info.versions["elasticsearch_java"] = java.version
 
+        cafile = str(info.es_ca_certs) if info.es_ca_certs else None
+
         def ready() -> bool:
-            return probes.elasticsearch_ready(url, 3.0, auth)
+            return probes.elasticsearch_ready(url, 3.0, auth, cafile)
 
         return "elasticsearch", ready, stdout_log
 
@@ -716,7 +817,8 @@ class LocalStack:
             elif service == "elasticsearch":
                 url = entry["url"]
                 auth = tuple(info["es_auth"]) if info.get("es_auth") else None
-                healthy = running and probes.elasticsearch_ready(url, 3.0, auth)
+                cafile = info.get("es_ca_certs")
+                healthy = running and probes.elasticsearch_ready(url, 3.0, auth, cafile)
             elif service == "prometheus":
                 url = entry["url"]
                 healthy = running and probes.prometheus_ready(url, 3.0)
@@ -803,8 +905,8 @@ class LocalStack:
         if service == "elasticsearch":
             info = state.get("info", {})
             auth = tuple(info["es_auth"]) if info.get("es_auth") else None
-            url = entry["url"]
-            return lambda: probes.elasticsearch_ready(url, 3.0, auth)
+            url, cafile = entry["url"], info.get("es_ca_certs")
+            return lambda: probes.elasticsearch_ready(url, 3.0, auth, cafile)
         url = entry["url"]
         return lambda: probes.prometheus_ready(url, 3.0)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from elasticsearch import AsyncElasticsearch
 from reliability_harness import (
     CommitWatch,
@@ -59,9 +60,15 @@ class Env:
     log: Log = print
     seed: int = 1
     kafka_client: dict[str, Any] = field(default_factory=dict)  # security for our own clients
+    es_ca: Path | None = None
 
     def es(self) -> AsyncElasticsearch:
-        return AsyncElasticsearch(self.es_url, basic_auth=self.es_auth, request_timeout=60)
+        return AsyncElasticsearch(
+            self.es_url,
+            basic_auth=self.es_auth,
+            ca_certs=str(self.es_ca) if self.es_ca else None,
+            request_timeout=60,
+        )
 
 
 def names(fault: str) -> tuple[str, str, str]:
@@ -84,6 +91,8 @@ def settings_for(env: Env, topic: str, index: str, group: str, **overrides: Any)
     }
     if env.es_auth:
         values["es_username"], values["es_password"] = env.es_auth
+    if env.es_ca:
+        values["es_ca_certs"] = env.es_ca
     values.update(overrides)
     return load_settings(**values)
 
@@ -497,3 +506,92 @@ async def group_churn(env: Env, docs: int = 1500, step_s: float = 3.0) -> FaultR
 
 def _consumed(service: Service, topic: str) -> float:
     return metric(service, "sparse_ingest_documents_consumed_total", {"topic": topic})
+
+
+# ------------------------------------------------------------------------------ security
+@dataclass
+class SecureRun:
+    result: FaultResult
+    logs: str
+    metrics: str
+    readyz: str
+    search_status: int
+    leaks: list[str]
+
+
+async def secure_ingest(
+    env: Env,
+    label: str,
+    service_kafka: str,
+    service_overrides: dict[str, Any],
+    secrets: list[str],
+    docs: int = 300,
+) -> SecureRun:
+    """The real service (a subprocess) with the given security settings: a small stream with
+    poison records goes through (the dead-letter producer uses the same security), /search
+    works with the bearer token; then its whole log output, /metrics and /readyz are searched
+    for every one of ``secrets``."""
+    spec = StreamSpec(docs=docs, seed=env.seed + 7, poison=True)
+    async with setup(env, "secure", spec) as run:
+        result = FaultResult(label)
+        token = "bearer-" + uuid.uuid4().hex
+        secrets = [*secrets, token]
+        overrides = dict(service_overrides)
+        service_env_vars = service_env(
+            service_kafka,
+            overrides.pop("es_url", env.es_url),
+            run.topic,
+            run.index,
+            run.group,
+            model_dir=env.model_dir,
+            http_bearer_token=token,
+            **overrides,
+        )
+        service = ServiceProcess(service_env_vars, env.work / run.topic, "secure")
+        start = time.monotonic()
+        await produce_stream(env.kafka, run.topic, run.stream.records, **env.kafka_client)
+        service.start()
+        try:
+            port = await service.http_port(120)
+            await wait_committed(env.kafka, run.group, run.topic, 180, **env.kafka_client)
+            base = f"http://127.0.0.1:{port}"
+            await run.es.indices.refresh(index=run.index)
+            writes_before = await index_stats(run.es, run.index)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/metrics") as r:
+                    metrics = await r.text()
+                async with http.get(f"{base}/readyz") as r:
+                    readyz = await r.text()
+                async with http.post(
+                    f"{base}/search",
+                    json={"query": "glacier", "mode": "hybrid"},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as r:
+                    search_status = r.status
+                async with http.post(f"{base}/search", json={"query": "wrong token"}) as r:
+                    assert r.status == 401
+                for body in ({"texts": ["a", "b"]}, {"text": "x", "query": True}):
+                    async with http.post(
+                        f"{base}/encode", json=body, headers={"Authorization": f"Bearer {token}"}
+                    ) as r:
+                        assert r.status == 200
+            # Nothing the HTTP API did wrote to Elasticsearch.
+            result.extra["http_writes"] = {
+                k: v - writes_before[k]
+                for k, v in (await index_stats(run.es, run.index)).items()
+                if v != writes_before[k]
+            }
+        finally:
+            code = await service.stop()
+        result.wall_s = time.monotonic() - start
+        result.extra["exit_code"] = code
+        logs = service.all_logs()
+        leaks = [
+            f"{where}: {secret[:4]}..."
+            for secret in secrets
+            if secret
+            for where, text in (("log", logs), ("metrics", metrics), ("readyz", readyz))
+            if secret in text
+        ]
+        await finish(env, run, result)
+        return SecureRun(result, logs, metrics, readyz, search_status, leaks)
