@@ -9,7 +9,6 @@ against the plain numpy forward pass (``encoder.reference``), then quantized wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -80,6 +79,8 @@ class QuantizeOptions:
     per_channel: bool = True
     reduce_range: bool = False
     fp32_groups: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ("MatMul",)  # add "Attention" for QAttention, "Gather" for emb.
+    const_b_only: bool = True  # False also quantizes activation x activation MatMuls
 
 
 def _encode_probe(
@@ -123,12 +124,12 @@ def quantize_int8(src: Path, dst: Path, options: QuantizeOptions) -> Quantizatio
         quantize_dynamic(
             str(src),
             str(dst),
-            op_types_to_quantize=["MatMul"],
+            op_types_to_quantize=list(options.op_types),
             per_channel=options.per_channel,
             reduce_range=options.reduce_range,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            extra_options={"MatMulConstBOnly": options.const_b_only, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.setLevel(level)
@@ -138,7 +139,7 @@ def quantize_int8(src: Path, dst: Path, options: QuantizeOptions) -> Quantizatio
         activation_type="uint8, per tensor, scale computed per batch",
         per_channel=options.per_channel,
         reduce_range=options.reduce_range,
-        op_types=("MatMul",),
+        op_types=options.op_types,
         fp32_nodes=tuple(options.fp32_groups),
     )
 
@@ -211,6 +212,7 @@ def export_model(
             f"{tok_path}: missing; the exporter needs the fast tokenizer file (tokenizer.json). "
             "Save it with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
         )
+    weights_given = weights is not None
     if weights is None:
         weights = load_masked_lm(src)
     cfg = weights.config
@@ -254,13 +256,13 @@ def export_model(
     if quantize != "int8" or not keep_fp32:
         (out / FP32_MODEL_FILE).unlink(missing_ok=True)
 
-    checksums = {
-        p.name: sha256_file(p)
-        for p in sorted(src.iterdir())
-        if p.name in {"config.json", TOKENIZER_FILE, "tokenizer_config.json", IDF_FILE}
-    }
-    with contextlib.suppress(ModelError):  # no file when weights were passed in (benchmark)
-        checksums[weights_file(src).name] = sha256_file(weights_file(src))
+    own_files = {TOKENIZER_FILE, "tokenizer_config.json", IDF_FILE}
+    if weights_given:
+        checksums = {}
+    else:
+        own_files.add("config.json")
+        checksums = {weights_file(src).name: sha256_file(weights_file(src))}
+    checksums |= {p.name: sha256_file(p) for p in sorted(src.iterdir()) if p.name in own_files}
     files = {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE}
     if (out / FP32_MODEL_FILE).is_file():
         files["model_fp32"] = FP32_MODEL_FILE
@@ -283,8 +285,7 @@ def export_model(
         source=source or str(src),
         source_checksums=checksums,
         exporter_version=EXPORTER_VERSION,
-        graph=f"{'fused contrib ops' if gopts.fused else 'standard ops'}, splade_max head with "
-        f"pooling rewrite, vocabulary MatMul in {gopts.vocab_chunks} chunks",
+        graph=gopts.describe(),
         files=files,
         fidelity=fidelity,
     )

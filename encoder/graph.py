@@ -9,9 +9,9 @@ over the sequence, and the bias, relu and log1p run on [batch, vocab] only. The 
 split into ``vocab_chunks`` column blocks so that the [batch, seq, vocab] product never exists whole
 (1 GB for 32 x 256 tokens on a 30522 vocabulary).
 
-``fused=True`` emits ONNX Runtime contrib ops (com.microsoft ``MultiHeadAttention``,
-``SkipLayerNormalization``, ``BiasGelu``/``FastGelu``), which is what ORT's transformer optimizer
-would produce; ``fused=False`` emits standard ONNX ops only. ``head="logits"`` outputs the plain
+``GraphOptions`` chooses, op by op, between ONNX Runtime contrib ops (com.microsoft
+``MultiHeadAttention``/``Attention``, ``SkipLayerNormalization``, ``BiasGelu``/``FastGelu``: what
+ORT's transformer optimizer would produce) and standard ONNX ops (``GraphOptions.standard()``). ``head="logits"`` outputs the plain
 masked-LM logits [batch, seq, vocab] instead (the usual export; pooling left to the caller).
 """
 
@@ -35,7 +35,38 @@ LOGITS_NAME = "logits"
 
 @dataclass(frozen=True)
 class GraphOptions:
-    fused: bool = True
+    # com.microsoft MultiHeadAttention (Q, K, V MatMuls outside), com.microsoft Attention (QKV
+    # weights inside; quantize_dynamic turns it into QAttention), or standard ops.
+    attention: Literal["mha", "attention", "plain"] = "mha"
+    skip_layernorm: bool = True  # com.microsoft SkipLayerNormalization for bias+residual+norm
+    bias_gelu: bool = True  # com.microsoft BiasGelu/FastGelu for bias+activation
+
+    @classmethod
+    def standard(cls, **kw: Any) -> GraphOptions:
+        """Standard ONNX ops only (no com.microsoft contrib ops)."""
+        return cls(attention="plain", skip_layernorm=False, bias_gelu=False, **kw)
+
+    @property
+    def uses_contrib_ops(self) -> bool:
+        return self.attention == "mha" or self.skip_layernorm or self.bias_gelu
+
+    def describe(self) -> str:
+        ops = [
+            name
+            for name, on in (
+                ("MultiHeadAttention", self.attention == "mha"),
+                ("Attention", self.attention == "attention"),
+                ("SkipLayerNormalization", self.skip_layernorm),
+                ("BiasGelu", self.bias_gelu),
+            )
+            if on
+        ]
+        return f"contrib ops: {', '.join(ops) or 'none'}; head: {self.head}" + (
+            f", pooling rewrite, vocabulary MatMul in {self.vocab_chunks} chunks"
+            if self.head == "splade"
+            else ""
+        )
+
     head: Literal["splade", "logits"] = "splade"
     vocab_chunks: int = 32
 
@@ -168,7 +199,6 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
     g = _Builder()
     nh = c.num_heads
     eps = c.layer_norm_eps
-    fused = opts.fused
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -194,7 +224,7 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
     emb = g.op("Add", [word, positions])
     x = _layer_norm(g, emb, w.embedding_norm, eps, "embeddings.norm")
 
-    if fused:
+    if opts.attention != "plain":
         mask_i32 = g.op("Cast", ["attention_mask"], hint="mask_i32", to=TensorProto.INT32)
     else:
         mask_f = g.op("Cast", ["attention_mask"], hint="mask_f", to=TensorProto.FLOAT)
@@ -208,7 +238,22 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
         mask_bias = g.op("Unsqueeze", [mask_bias, g.const("ax12", np.array([1, 2], np.int64))])
     for i, layer in enumerate(w.layers):
         p = f"layer{i}"
-        if fused:
+        if opts.attention == "attention":
+            qkv_w = np.concatenate([layer.query.weight, layer.key.weight, layer.value.weight]).T
+            qkv_bias = np.concatenate([layer.query.bias, layer.key.bias, layer.value.bias])
+            ctx = g.op(
+                "Attention",
+                [
+                    x,
+                    g.const(f"{p}.qkv.weight", _f32(qkv_w)),
+                    g.const(f"{p}.qkv_bias", _f32(qkv_bias)),
+                    mask_i32,
+                ],
+                hint=f"{p}.ctx",
+                domain=MS_DOMAIN,
+                num_heads=nh,
+            )
+        elif opts.attention == "mha":
             q = _dense(g, x, layer.query.weight, f"{p}.q")
             k = _dense(g, x, layer.key.weight, f"{p}.k")
             v = _dense(g, x, layer.value.weight, f"{p}.v")
@@ -230,7 +275,7 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
             layer.attention_output.bias,
             layer.attention_norm,
             eps,
-            fused,
+            opts.skip_layernorm,
             f"{p}.attn_norm",
         )
         ff = _bias_act(
@@ -238,12 +283,19 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
             _dense(g, x, layer.ffn_in.weight, f"{p}.ffn_in"),
             layer.ffn_in.bias,
             c.hidden_act,
-            fused,
+            opts.bias_gelu,
             f"{p}.ffn_in",
         )
         ff = _dense(g, ff, layer.ffn_out.weight, f"{p}.ffn_out")
         x = _residual_norm(
-            g, ff, x, layer.ffn_out.bias, layer.output_norm, eps, fused, f"{p}.out_norm"
+            g,
+            ff,
+            x,
+            layer.ffn_out.bias,
+            layer.output_norm,
+            eps,
+            opts.skip_layernorm,
+            f"{p}.out_norm",
         )
 
     # Masked-LM head transform: dense -> activation -> LayerNorm.
@@ -252,7 +304,7 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
         _dense(g, x, w.head_transform.weight, "head.transform"),
         w.head_transform.bias,
         c.head_act,
-        fused,
+        opts.bias_gelu,
         "head.transform",
     )
     h = _layer_norm(g, h, w.head_norm, eps, "head.norm")
@@ -312,7 +364,7 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
 
     graph = helper.make_graph(g.nodes, "splade_encoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET)]
-    if fused:
+    if opts.uses_contrib_ops:
         opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="sparse-ingest")
     model.ir_version = 8

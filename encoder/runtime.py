@@ -31,7 +31,7 @@ from encoder.metadata import (
     read_metadata,
 )
 
-DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_TOKENS = 2048
 DEFAULT_MAX_BATCH_DOCS = 64
 
 SparseVector = dict[str, float]

@@ -157,16 +157,20 @@ def random_distilbert(tmp_path_factory: pytest.TempPathFactory, source_dir: Path
 # ------------------------------------------------------------------- graph vs numpy reference
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["contrib-ops", "standard-ops"])
+@pytest.mark.parametrize(
+    "options",
+    [GraphOptions(), GraphOptions(attention="attention"), GraphOptions.standard()],
+    ids=["default", "attention-op", "standard-ops"],
+)
 @pytest.mark.parametrize("which", ["default", "bert", "distilbert"])
 def test_graph_matches_numpy_reference(
-    which: str, fused: bool, source_dir: Path, random_bert: Path, random_distilbert: Path
+    which: str, options: GraphOptions, source_dir: Path, random_bert: Path, random_distilbert: Path
 ) -> None:
     src = {"default": source_dir, "bert": random_bert, "distilbert": random_distilbert}[which]
     weights = load_masked_lm(src)
     ids, mask = _batch(src, TEXTS)  # padded batch: masking is exercised
     ref = splade_vectors(weights, ids, mask)
-    got = _run(build_graph(weights, GraphOptions(fused=fused)), ids, mask)
+    got = _run(build_graph(weights, options), ids, mask)
     assert got.shape == (len(TEXTS), VOCAB)
     assert (ref > 0).sum(axis=1).min() > 5
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
