@@ -21,6 +21,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -889,6 +890,21 @@ class LocalStack:
             launch_env=launch.get("env"),
         )
         self._wait_ready([(service, self._ready_probe(service, state), stdout_log)], state)
+
+    def pause_service(self, service: str) -> None:
+        """Freeze one service (SIGSTOP to its process group): it keeps its sockets but answers
+        nothing, like a node stuck in a long GC pause. :meth:`resume_service` thaws it."""
+        self._signal_service(service, signal.SIGSTOP)
+
+    def resume_service(self, service: str) -> None:
+        self._signal_service(service, signal.SIGCONT)
+
+    def _signal_service(self, service: str, sig: signal.Signals) -> None:
+        entry = self._entry(self._load_state(), service)
+        if not alive(entry["pid"], entry.get("start_time")):
+            raise StackError(f"{service} is not running")
+        os.killpg(entry["pid"], sig)
+        self.log(f"{service} (pid {entry['pid']}): {sig.name}")
 
     def restart_service(self, service: str, downtime: float = 0.0, timeout: float = 30.0) -> str:
         """:meth:`stop_service`, wait ``downtime`` seconds, :meth:`start_service`."""

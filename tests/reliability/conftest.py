@@ -2,10 +2,12 @@
 
 - ``rel_env``: a :class:`scenarios.Env` on the session stack (Kafka + Elasticsearch of
   ``tests/conftest.py``) with the shared encoder.
-- ``fault_stack`` / ``fault_env``: a stack of its own (Kafka + Elasticsearch) that the
-  scenarios may stop and start; its Elasticsearch has a one-thread, one-slot write queue
-  (``thread_pool.write.size/queue_size: 1``) so that concurrent writers really get 429s.
-  ``SPARSE_INGEST_TEST_FAULT_STACK=<run dir>`` reuses one that is already up (development).
+- ``fault_stack`` / ``fault_env``: a stack of its own that the scenarios may stop and start:
+  Elasticsearch with security over https (CA made for the stack) and a one-thread, one-slot
+  write queue (``thread_pool.write.size/queue_size: 1``) so that concurrent writers really get
+  429s; Kafka with SSL, SASL_PLAINTEXT and SASL_SSL listeners (PLAIN, SCRAM-SHA-256/512)
+  besides PLAINTEXT. ``SPARSE_INGEST_TEST_FAULT_STACK=<run dir>`` reuses one that is already
+  up (development).
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ def rel_env(
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     reuse = os.environ.get("SPARSE_INGEST_TEST_FAULT_STACK")
     if reuse:
-        yield LocalStack(name="reliability-faults", run_dir=reuse, log=support.log)
+        yield LocalStack(name="reliability", run_dir=reuse, log=support.log)
         return
     stack = LocalStack(
-        name="reliability-faults",
+        name="reliability",
         run_dir=tmp_path_factory.mktemp("fault-stack"),
         es_settings=FAULT_ES_SETTINGS,
+        es_tls=True,
+        kafka_security=True,
         es_heap="512m",
         kafka_heap="384m",
         log=support.log,
@@ -73,55 +77,9 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
 def fault_env(
     fault_stack: LocalStack, default_model_dir: Path, default_encoder: Any, tmp_path: Path
 ) -> Env:
+    """Our own clients use the PLAINTEXT listener and the elastic user over https; a service
+    under test gets the same unless a test gives it the secure Kafka settings."""
     info = fault_stack.info
-    assert info.kafka_bootstrap and info.es_url
-    return Env(
-        kafka=info.kafka_bootstrap,
-        es_url=info.es_url,
-        work=tmp_path,
-        model_dir=default_model_dir,
-        encoder=default_encoder,
-        stack=fault_stack,
-        log=support.log,
-    )
-
-
-@pytest.fixture(scope="session")
-def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """Elasticsearch with security and https (CA made for the stack); Kafka with SSL,
-    SASL_PLAINTEXT and SASL_SSL listeners (PLAIN, SCRAM-SHA-256/512) besides PLAINTEXT.
-    ``SPARSE_INGEST_TEST_SECURE_STACK=<run dir>`` reuses one that is already up."""
-    reuse = os.environ.get("SPARSE_INGEST_TEST_SECURE_STACK")
-    if reuse:
-        yield LocalStack(name="reliability-secure", run_dir=reuse, log=support.log)
-        return
-    stack = LocalStack(
-        name="reliability-secure",
-        run_dir=tmp_path_factory.mktemp("secure-stack"),
-        es_tls=True,
-        kafka_security=True,
-        es_heap="512m",
-        kafka_heap="384m",
-        log=support.log,
-    )
-    try:
-        stack.up()
-    except StackError as exc:
-        stack.down(remove_data=True)
-        pytest.fail(f"could not start the secure stack: {exc}", pytrace=False)
-    try:
-        yield stack
-    finally:
-        stack.down(remove_data=True)
-
-
-@pytest.fixture
-def secure_env(
-    secure_stack: LocalStack, default_model_dir: Path, default_encoder: Any, tmp_path: Path
-) -> Env:
-    """Our own clients use the PLAINTEXT listener and the elastic user; the service under
-    test gets the secure settings from each test."""
-    info = secure_stack.info
     assert info.es_url and info.es_auth and info.es_ca_certs and info.kafka_sasl
     return Env(
         kafka=info.kafka_listeners["PLAINTEXT"],
@@ -129,7 +87,7 @@ def secure_env(
         work=tmp_path,
         model_dir=default_model_dir,
         encoder=default_encoder,
-        stack=secure_stack,
+        stack=fault_stack,
         es_auth=info.es_auth,
         es_ca=info.es_ca_certs,
         log=support.log,

@@ -244,16 +244,27 @@ def _stack(env: Env) -> LocalStack:
 
 
 # ------------------------------------------------------------------------------ ES down
-async def es_restart(env: Env, docs: int = 1500, outage_s: float = 30.0) -> FaultResult:
+async def es_restart(
+    env: Env,
+    docs: int = 1500,
+    outage_s: float = 30.0,
+    stream_s: float | None = None,
+    freeze: bool = False,
+) -> FaultResult:
     """Elasticsearch really stopped (SIGTERM to the node) for ``outage_s`` mid-stream, then
-    started again on the same data; the service (in-process, default backoff) keeps going."""
+    started again on the same data; the service (in-process, default backoff) keeps going.
+    ``freeze``: SIGSTOP instead, SIGCONT after ``outage_s`` (a hung node: connections stay
+    open, requests time out; the service gets a 5 s request timeout). The stream is produced
+    evenly over ``stream_s`` (default: the outage + 30 s)."""
     spec = StreamSpec(docs=docs, seed=env.seed + 3)
     async with setup(env, "es-restart", spec) as run:
         stack = _stack(env)
-        result = FaultResult(f"Elasticsearch stopped {outage_s:.0f}s")
+        what = "frozen (SIGSTOP)" if freeze else "stopped"
+        result = FaultResult(f"Elasticsearch {what} {outage_s:.0f}s")
         total = len(run.stream.records)
-        rate = total / (outage_s + 30.0)
-        settings = settings_for(env, run.topic, run.index, run.group)
+        rate = total / (stream_s or outage_s + 30.0)
+        timeout = {"es_request_timeout_s": 5.0} if freeze else {}
+        settings = settings_for(env, run.topic, run.index, run.group, **timeout)
         start = time.monotonic()
         async with (
             CommitWatch(env.kafka, run.group, run.topic, **env.kafka_client) as watch,
@@ -265,10 +276,17 @@ async def es_restart(env: Env, docs: int = 1500, outage_s: float = 30.0) -> Faul
             try:
                 await _when_committed(watch, 0.2, total, 120)
                 before = await index_stats(run.es, run.index)
-                await asyncio.to_thread(stack.stop_service, "elasticsearch")
-                stopped = time.monotonic()
-                await asyncio.sleep(outage_s)
-                await asyncio.to_thread(stack.start_service, "elasticsearch")
+                if freeze:
+                    stack.pause_service("elasticsearch")
+                    stopped = time.monotonic()
+                    await asyncio.sleep(outage_s)
+                    stack.resume_service("elasticsearch")
+                    before = {}  # the node kept its counters
+                else:
+                    await asyncio.to_thread(stack.stop_service, "elasticsearch")
+                    stopped = time.monotonic()
+                    await asyncio.sleep(outage_s)
+                    await asyncio.to_thread(stack.start_service, "elasticsearch")
                 back = time.monotonic()
                 result.extra["es_start_s"] = round(back - stopped - outage_s, 1)
                 await producing
@@ -282,10 +300,10 @@ async def es_restart(env: Env, docs: int = 1500, outage_s: float = 30.0) -> Faul
         result.wall_s = time.monotonic() - start
         if (r := watch.progress_after(back)) is not None:
             result.recovery_s = [r]
+        back_how = "thawed" if freeze else f"took {result.extra['es_start_s']}s to be ready again"
         result.notes.append(
-            f"Elasticsearch took {result.extra['es_start_s']}s to be ready again; "
-            f"{result.extra['unavailable']:.0f} bulk attempts failed while it was away; "
-            "recovery counted from ready"
+            f"Elasticsearch {back_how}; {result.extra['unavailable']:.0f} bulk attempts failed "
+            "while it was away; recovery counted from ready (from SIGCONT when frozen)"
         )
         return await finish(env, run, result, before)
 
@@ -399,15 +417,18 @@ def _labelled(service: Service, family: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ Kafka down
-async def kafka_restart(env: Env, docs: int = 1500, downtime_s: float = 10.0) -> FaultResult:
+async def kafka_restart(
+    env: Env, docs: int = 1500, downtime_s: float = 10.0, stream_s: float | None = None
+) -> FaultResult:
     """The Kafka broker stopped (controlled shutdown) mid-stream and started again on the same
-    data ``downtime_s`` later, while the producer keeps sending and the service consumes."""
+    data ``downtime_s`` later, while the producer keeps sending and the service consumes.
+    The stream is produced evenly over ``stream_s`` (default: the downtime + 30 s)."""
     spec = StreamSpec(docs=docs, seed=env.seed + 5)
     async with setup(env, "kafka-restart", spec) as run:
         stack = _stack(env)
         result = FaultResult(f"Kafka restarted ({downtime_s:.0f}s down)")
         total = len(run.stream.records)
-        rate = total / (downtime_s + 30.0)
+        rate = total / (stream_s or downtime_s + 30.0)
         settings = settings_for(env, run.topic, run.index, run.group)
         start = time.monotonic()
         async with (
@@ -595,3 +616,85 @@ async def secure_ingest(
         ]
         await finish(env, run, result)
         return SecureRun(result, logs, metrics, readyz, search_status, leaks)
+
+
+# ------------------------------------------------------------------------------ soak
+async def soak(
+    env: Env,
+    minutes: float = 2.0,
+    rate: float = 50.0,
+    warmup_s: float = 30.0,
+    sample_s: float = 5.0,
+    service_overrides: dict[str, Any] | None = None,
+) -> FaultResult:
+    """The real service (a subprocess) fed at a steady ``rate`` records/s for ``minutes``;
+    its resident memory (VmRSS) sampled every ``sample_s``; at the end the index and the
+    dead-letter topic are checked exactly like every other scenario. ``extra``: rss samples,
+    rss at warm-up end and at the end, growth, catch-up time after the last record."""
+    seconds = minutes * 60
+    records_wanted = int(seconds * rate)
+    spec = StreamSpec(docs=max(100, int(records_wanted / 1.6)), seed=env.seed + 8)
+    async with setup(env, "soak", spec) as run:
+        records = run.stream.records[:records_wanted]
+        result = FaultResult(f"soak {minutes:g} min at {rate:g}/s")
+        overrides = {"model_dir": env.model_dir, **(service_overrides or {})}
+        service = ServiceProcess(
+            service_env(env.kafka, env.es_url, run.topic, run.index, run.group, **overrides),
+            env.work / run.topic,
+            "soak",
+        )
+        samples: list[tuple[float, int]] = []
+        start = time.monotonic()
+        service.start()
+        try:
+            port = await service.http_port(120)
+            producing = asyncio.create_task(
+                produce_stream(env.kafka, run.topic, records, rate=rate, chunk=max(1, int(rate)))
+            )
+            while not producing.done():
+                if not service.running():
+                    raise AssertionError(f"the service died:\n{service.log_text()[-3000:]}")
+                samples.append((time.monotonic() - start, service.rss_bytes()))
+                await asyncio.wait([producing], timeout=sample_s)
+            await producing
+            produced_at = time.monotonic()
+            await wait_committed(env.kafka, run.group, run.topic, 300, **env.kafka_client)
+            result.extra["catch_up_s"] = round(time.monotonic() - produced_at, 1)
+            samples.append((time.monotonic() - start, service.rss_bytes()))
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as r,
+            ):
+                result.extra["metrics"] = _scalar_metrics(await r.text())
+        finally:
+            code = await service.stop()
+        result.wall_s = time.monotonic() - start
+        after_warmup = next((rss for t, rss in samples if t >= warmup_s), samples[0][1])
+        end = samples[-1][1]
+        result.extra.update(
+            rss_samples=samples,
+            rss_warm=after_warmup,
+            rss_end=end,
+            rss_max=max(rss for _, rss in samples),
+            growth=end / after_warmup - 1 if after_warmup else 0.0,
+            exit_code=code,
+        )
+        mb = 1024 * 1024
+        result.notes.append(
+            f"RSS {samples[0][1] / mb:.0f} MB at start, {after_warmup / mb:.0f} MB after "
+            f"{warmup_s:.0f}s warm-up, {end / mb:.0f} MB at the end "
+            f"({result.extra['growth']:+.1%}), max {result.extra['rss_max'] / mb:.0f} MB; "
+            f"caught up {result.extra['catch_up_s']}s after the last record"
+        )
+        return await finish(env, run, result)
+
+
+def _scalar_metrics(text: str) -> dict[str, float]:
+    """The unlabelled samples of a Prometheus text page (name -> value)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out

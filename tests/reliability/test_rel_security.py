@@ -50,12 +50,12 @@ def _assert_clean(run: scenarios.SecureRun) -> None:
 
 
 async def test_es_tls_basic_auth_and_kafka_sasl_ssl_scram(
-    secure_env: scenarios.Env, secure_stack: LocalStack
+    fault_env: scenarios.Env, fault_stack: LocalStack
 ) -> None:
-    info = secure_stack.info
+    info = fault_stack.info
     kafka, kafka_settings = _kafka(info, "SASL_SSL", "SCRAM-SHA-512")
     run = await scenarios.secure_ingest(
-        secure_env,
+        fault_env,
         "TLS + basic auth, SASL_SSL SCRAM-SHA-512",
         kafka,
         {**_es_basic(info), **kafka_settings},
@@ -65,16 +65,16 @@ async def test_es_tls_basic_auth_and_kafka_sasl_ssl_scram(
 
 
 async def test_password_in_the_es_url_and_kafka_ssl(
-    secure_env: scenarios.Env, secure_stack: LocalStack
+    fault_env: scenarios.Env, fault_stack: LocalStack
 ) -> None:
     """A password given inside SPARSE_INGEST_ES_URL works and is masked wherever the URL is
     shown (log line, /readyz)."""
-    info = secure_stack.info
+    info = fault_stack.info
     user, password = info.es_auth
     url = info.es_url.replace("https://", f"https://{user}:{password}@")
     kafka, kafka_settings = _kafka(info, "SSL")
     run = await scenarios.secure_ingest(
-        secure_env,
+        fault_env,
         "password in the ES URL, Kafka SSL",
         kafka,
         {"es_url": url, "es_ca_certs": info.es_ca_certs, **kafka_settings},
@@ -86,12 +86,12 @@ async def test_password_in_the_es_url_and_kafka_ssl(
 
 
 async def test_kafka_sasl_plaintext_plain(
-    secure_env: scenarios.Env, secure_stack: LocalStack
+    fault_env: scenarios.Env, fault_stack: LocalStack
 ) -> None:
-    info = secure_stack.info
+    info = fault_stack.info
     kafka, kafka_settings = _kafka(info, "SASL_PLAINTEXT", "PLAIN")
     run = await scenarios.secure_ingest(
-        secure_env,
+        fault_env,
         "TLS + basic auth, SASL_PLAINTEXT PLAIN",
         kafka,
         {**_es_basic(info), **kafka_settings},
@@ -198,9 +198,9 @@ def _bad_settings(info: Any, case: str, tmp: Path) -> tuple[str, dict[str, Any],
     ],
 )
 def test_wrong_credentials_or_ca_stop_the_service_at_start_with_a_clear_error(
-    case: str, secure_stack: LocalStack, default_model_dir: Path, tmp_path: Path
+    case: str, fault_stack: LocalStack, default_model_dir: Path, tmp_path: Path
 ) -> None:
-    info = secure_stack.info
+    info = fault_stack.info
     kafka, settings, message, secrets = _bad_settings(info, case, tmp_path)
     es_url = settings.pop("es_url", info.es_url)
     env = service_env(kafka, es_url, "t", "i", "g", model_dir=default_model_dir, **settings)
@@ -222,9 +222,9 @@ def test_wrong_credentials_or_ca_stop_the_service_at_start_with_a_clear_error(
 
 
 def test_check_prints_settings_with_secrets_masked(
-    secure_stack: LocalStack, default_model_dir: Path
+    fault_stack: LocalStack, default_model_dir: Path
 ) -> None:
-    info = secure_stack.info
+    info = fault_stack.info
     user, password = info.es_auth
     kafka, settings = _kafka(info, "SASL_SSL", "PLAIN")
     url = info.es_url.replace("https://", f"https://{user}:{password}@")
