@@ -132,7 +132,11 @@ async def setup(env: Env, fault: str, spec: StreamSpec, **topic_config: str) -> 
     await create_topic(env.kafka, topic, 4, topic_config or None, **env.kafka_client)
     async with env.es() as es:
         await create_index(es, index)
-        yield Run(topic, index, group, es, build_stream(spec))
+        try:
+            yield Run(topic, index, group, es, build_stream(spec))
+        finally:  # keep the shared node lean (the figures are in the result)
+            with contextlib.suppress(Exception):
+                await es.options(ignore_status=404).indices.delete(index=index)
 
 
 async def finish(
