@@ -206,7 +206,11 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
     ]
 
     # Embeddings: word + position (+ token type) -> LayerNorm.
-    word = g.op("Gather", [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"])
+    word = g.op(
+        "Gather",
+        [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"],
+        hint="word_embeddings.gather",
+    )
     pos_table = _f32(w.position_embeddings)
     if w.token_type_embedding is not None:  # single segment: type 0 everywhere
         pos_table = pos_table + _f32(w.token_type_embedding)
