@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     # --- Encoder ------------------------------------------------------------------------------
     model_dir: Path = Field(default_factory=_default_model_dir)
     encoder_threads: int | None = Field(default=None, ge=1)
-    encoder_max_batch_tokens: int = Field(default=16_384, ge=64)
+    encoder_max_batch_tokens: int = Field(default=2048, ge=64)  # padded tokens per inference call
     encoder_max_batch_docs: int = Field(default=64, ge=1)
     long_text: Literal["chunk", "truncate"] | None = None
 
