@@ -98,10 +98,10 @@ def workload_texts(spec: dict[str, Any], tokenizer_json: Path) -> list[str]:
 
 def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
     """Model folders: the default model, and the random BERT-base when asked (exported once)."""
-    models = {DEFAULT_MODEL_NAME: fetch_default_model()}
+    models = {DEFAULT_MODEL_NAME: fetch_default_model()} if not args.no_default else {}
     if args.random_base:
         out = cache_root() / "bench" / "random-bert-base"
-        if not (out / "sparse_model.json").is_file():
+        if not _is_current(out):
             from encoder.export import export_model
             from encoder.synthetic import random_masked_lm
 
@@ -114,6 +114,17 @@ def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
             )
         models["random-bert-base"] = out
     return models
+
+
+def _is_current(folder: Path) -> bool:
+    from encoder.errors import ModelError
+    from encoder.export import EXPORTER_VERSION
+    from encoder.metadata import read_metadata
+
+    try:
+        return read_metadata(folder).exporter_version == EXPORTER_VERSION
+    except ModelError:
+        return False
 
 
 def _weights_for(model_dir: Path) -> Any:
@@ -512,7 +523,7 @@ def quant_variants(model_name: str, model_dir: Path) -> dict[str, Path]:
     out = {}
     for name, kw in QUANT_VARIANTS.items():
         folder = cache_root() / "bench" / "quant" / model_name / name
-        if not (folder / "sparse_model.json").is_file():
+        if not _is_current(folder):
             print(f"exporting {model_name} {name} ...", file=sys.stderr, flush=True)
             export_model(
                 fetch_source(DEFAULT_MODEL_NAME),
@@ -533,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scifact", type=Path, help="BEIR SciFact folder (corpus.jsonl, ...)")
     parser.add_argument("--random-base", action="store_true", help="add a random BERT-base model")
+    parser.add_argument("--no-default", action="store_true", help="leave the default model out")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--fixed-tokens", type=int, default=0, help="tokens per fixed workload")
@@ -634,9 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     }
     _summary(report, results)
-    if args.quant_study and args.scifact:
+    if args.quant_study and args.scifact and DEFAULT_MODEL_NAME in models:
         report["quant_study"] = quant_study(args, models, batch_tokens, batch_docs, docs_per_model)
-    if args.fidelity and args.scifact:
+    if args.fidelity and args.scifact and DEFAULT_MODEL_NAME in models:
         print("\nfidelity: INT8 vs FP32, default model, SciFact ...", file=sys.stderr)
         report["fidelity"] = fidelity_report(models[DEFAULT_MODEL_NAME], args.scifact, args.threads)
         print(json.dumps(report["fidelity"], indent=2))

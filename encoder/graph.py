@@ -69,6 +69,9 @@ class GraphOptions:
 
     head: Literal["splade", "logits"] = "splade"
     vocab_chunks: int = 32
+    # Give MultiHeadAttention/Attention the key lengths [batch] instead of the [batch, seq] mask
+    # (valid for right padding, which is what the runtime builds).
+    mask_as_lengths: bool = False
 
 
 @dataclass
@@ -229,7 +232,15 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
     x = _layer_norm(g, emb, w.embedding_norm, eps, "embeddings.norm")
 
     if opts.attention != "plain":
-        mask_i32 = g.op("Cast", ["attention_mask"], hint="mask_i32", to=TensorProto.INT32)
+        if opts.mask_as_lengths:  # right padding: the key lengths say it all ("mask_index" 1D)
+            lengths = g.op(
+                "ReduceSum",
+                ["attention_mask", g.const("axis1", np.array([1], np.int64))],
+                keepdims=0,
+            )
+            mask_i32 = g.op("Cast", [lengths], hint="key_lengths", to=TensorProto.INT32)
+        else:
+            mask_i32 = g.op("Cast", ["attention_mask"], hint="mask_i32", to=TensorProto.INT32)
     else:
         mask_f = g.op("Cast", ["attention_mask"], hint="mask_f", to=TensorProto.FLOAT)
         mask_bias = g.op(

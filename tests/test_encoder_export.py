@@ -159,8 +159,13 @@ def random_distilbert(tmp_path_factory: pytest.TempPathFactory, source_dir: Path
 
 @pytest.mark.parametrize(
     "options",
-    [GraphOptions(), GraphOptions(attention="attention"), GraphOptions.standard()],
-    ids=["default", "attention-op", "standard-ops"],
+    [
+        GraphOptions(),
+        GraphOptions(attention="attention", mask_as_lengths=True),
+        GraphOptions(mask_as_lengths=True, vocab_chunks=1),
+        GraphOptions.standard(),
+    ],
+    ids=["default", "attention-op", "mha-lengths", "standard-ops"],
 )
 @pytest.mark.parametrize("which", ["default", "bert", "distilbert"])
 def test_graph_matches_numpy_reference(
