@@ -81,7 +81,10 @@ async def run(args: argparse.Namespace, work: Path) -> list[FaultResult]:
             "es-freeze",
             lambda: scenarios.es_restart(env, docs=n, outage_s=args.es_outage, freeze=True),
         ),
-        ("es-429", lambda: scenarios.es_rejections(env, docs=n, writers=4, noise_s=20.0)),
+        (
+            "es-429",
+            lambda: scenarios.es_rejections(env, docs=n, writers=4, noise_s=20.0, client_retries=1),
+        ),
         (
             "kafka-restart",
             lambda: scenarios.kafka_restart(env, docs=n, downtime_s=args.kafka_downtime),

@@ -891,6 +891,13 @@ class LocalStack:
         )
         self._wait_ready([(service, self._ready_probe(service, state), stdout_log)], state)
 
+    def wait_ready(self, service: str) -> None:
+        """Wait (up to ``startup_timeout``) until a running service answers its probe."""
+        state = self._load_state()
+        entry = self._entry(state, service)
+        stdout = Path(entry.get("launch", {}).get("stdout") or entry.get("log") or "")
+        self._wait_ready([(service, self._ready_probe(service, state), stdout)], state)
+
     def pause_service(self, service: str) -> None:
         """Freeze one service (SIGSTOP to its process group): it keeps its sockets but answers
         nothing, like a node stuck in a long GC pause. :meth:`resume_service` thaws it."""

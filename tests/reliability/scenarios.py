@@ -136,18 +136,32 @@ async def setup(env: Env, fault: str, spec: StreamSpec, **topic_config: str) -> 
             yield Run(topic, index, group, es, build_stream(spec))
         finally:  # keep the shared node lean (the figures are in the result)
             with contextlib.suppress(Exception):
-                await es.options(ignore_status=404).indices.delete(index=index)
+                async with env.es() as fresh:
+                    await asyncio.wait_for(
+                        fresh.options(ignore_status=404).indices.delete(index=index), 30
+                    )
 
 
 async def finish(
     env: Env, run: Run, result: FaultResult, stats: dict[str, int] | None = None, **verify_kw: Any
 ) -> FaultResult:
-    """Check the index and the dead-letter topic; add Elasticsearch's write counters."""
-    result.check, expected = await verify(
-        env.kafka, run.es, run.topic, run.index, run.dlq, kafka_client=env.kafka_client, **verify_kw
-    )
-    result.records = expected.records
-    result.es_stats = add_stats(stats or {}, await index_stats(run.es, run.index))
+    """Check the index and the dead-letter topic; add Elasticsearch's write counters.
+
+    With a client of its own: connections opened before a fault (a node stopped or frozen
+    while they were idle) are not trusted. Bounded, so that a stuck node fails the scenario
+    instead of hanging it."""
+    async with env.es() as es:
+        result.check, expected = await asyncio.wait_for(
+            verify(
+                env.kafka, es, run.topic, run.index, run.dlq, kafka_client=env.kafka_client,
+                **verify_kw,
+            ),
+            300,
+        )  # fmt: skip
+        result.records = expected.records
+        result.es_stats = add_stats(
+            stats or {}, await asyncio.wait_for(index_stats(es, run.index), 60)
+        )
     env.log(result.summary())
     return result
 
@@ -258,7 +272,7 @@ async def es_restart(
     """Elasticsearch really stopped (SIGTERM to the node) for ``outage_s`` mid-stream, then
     started again on the same data; the service (in-process, default backoff) keeps going.
     ``freeze``: SIGSTOP instead, SIGCONT after ``outage_s`` (a hung node: connections stay
-    open, requests time out; the service gets a 5 s request timeout). The stream is produced
+    open, requests time out; the service gets a 2 s request timeout). The stream is produced
     evenly over ``stream_s`` (default: the outage + 30 s)."""
     spec = StreamSpec(docs=docs, seed=env.seed + 3)
     async with setup(env, "es-restart", spec) as run:
@@ -267,7 +281,7 @@ async def es_restart(
         result = FaultResult(f"Elasticsearch {what} {outage_s:.0f}s")
         total = len(run.stream.records)
         rate = total / (stream_s or outage_s + 30.0)
-        timeout = {"es_request_timeout_s": 5.0} if freeze else {}
+        timeout = {"es_request_timeout_s": 2.0} if freeze else {}
         settings = settings_for(env, run.topic, run.index, run.group, **timeout)
         start = time.monotonic()
         async with (
@@ -286,6 +300,7 @@ async def es_restart(
                     await asyncio.sleep(outage_s)
                     stack.resume_service("elasticsearch")
                     before = {}  # the node kept its counters
+                    await asyncio.to_thread(stack.wait_ready, "elasticsearch")
                 else:
                     await asyncio.to_thread(stack.stop_service, "elasticsearch")
                     stopped = time.monotonic()
@@ -333,13 +348,18 @@ async def _noise(
 
 
 async def es_rejections(
-    env: Env, docs: int = 1500, writers: int = 4, noise_s: float = 15.0, enough: int = 200
+    env: Env,
+    docs: int = 1500,
+    writers: int = 4,
+    noise_s: float = 15.0,
+    enough: int = 200,
+    client_retries: int = 0,
 ) -> FaultResult:
     """Elasticsearch rejecting bulk requests (429, es_rejected_execution_exception) because
     other writers keep its write queue full: the stack runs with ``thread_pool.write.size: 1``
     and ``queue_size: 1``. The noise lasts ``noise_s`` seconds or until the service has had
-    ``enough`` items refused; the service retries (one client retry, then its own) until all
-    is written."""
+    ``enough`` items refused; the service retries (``client_retries`` retries of the client's
+    bulk helper, then its own backoff) until all is written."""
     spec = StreamSpec(docs=docs, seed=env.seed + 4)
     async with setup(env, "es-429", spec) as run:
         result = FaultResult("Elasticsearch 429s")
@@ -351,7 +371,7 @@ async def es_rejections(
             run.topic,
             run.index,
             run.group,
-            es_bulk_max_retries=1,
+            es_bulk_max_retries=client_retries,
             es_bulk_initial_backoff_s=0.2,
             es_unavailable_backoff_s=0.5,
             batch_max_docs=64,
@@ -399,7 +419,8 @@ async def es_rejections(
         result.notes.append(
             f"{writers} other writers for {result.extra['noise_s']}s: the write thread pool "
             f"rejected {rejected} requests; the service had {sum(errors.values()):.0f} items "
-            f"refused after the client's retry ({', '.join(errors)}) and retried batches "
+            f"refused after {client_retries} client retries ({', '.join(errors)}) and retried "
+            "batches "
             f"{retries:.0f} times"
         )
         return await finish(env, run, result)

@@ -9,8 +9,9 @@ import scenarios
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(180)
 async def test_members_joining_and_leaving_lose_nothing(rel_env: scenarios.Env) -> None:
-    result = await scenarios.group_churn(rel_env, docs=1000, step_s=2.0)
+    result = await scenarios.group_churn(rel_env, docs=1000, step_s=1.5)
     assert result.ok, result.summary()
     consumed = result.extra["consumed"]
     assert set(consumed) == {"A", "B", "C", "D"}

@@ -10,6 +10,7 @@ from reliability_harness import create_topic, produce_stream, read_all, wait_com
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(180)
 async def test_poison_records_are_dead_lettered_and_the_stream_goes_on(
     rel_env: scenarios.Env,
 ) -> None:
@@ -20,6 +21,7 @@ async def test_poison_records_are_dead_lettered_and_the_stream_goes_on(
     assert result.check.dlq_reasons["too_large"] == 1
 
 
+@pytest.mark.timeout(120)
 async def test_dead_letter_too_large_for_its_topic_is_sent_without_its_value(
     rel_env: scenarios.Env,
 ) -> None:

@@ -19,7 +19,7 @@ from reliability_harness import REPO, service_env
 from deploy.local import LocalStack
 from deploy.local.certs import make_ca
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def _es_basic(info: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ MINUTES = float(os.environ.get("SPARSE_INGEST_SOAK_MINUTES", "2"))
 MAX_GROWTH = 0.30
 
 
+@pytest.mark.timeout(int(MINUTES * 60 + 240))
 @pytest.mark.parametrize("minutes", [MINUTES])
 async def test_soak_memory_stays_flat(rel_env: scenarios.Env, minutes: float) -> None:
     result = await scenarios.soak(
