@@ -44,7 +44,9 @@ def load_corpus(path: str | None, limit: int) -> list[dict[str, str]]:
     with (Path(path) / "corpus.jsonl").open() as f:
         for line in f:
             d = json.loads(line)
-            docs.append({"id": str(d["_id"]), "title": d.get("title", ""), "body": d.get("text", "")})
+            docs.append(
+                {"id": str(d["_id"]), "title": d.get("title", ""), "body": d.get("text", "")}
+            )
             if len(docs) >= limit:
                 break
     return docs
@@ -87,7 +89,9 @@ async def produce_all(kafka: str, topic: str, recs: list[tuple[bytes, bytes]]) -
         await producer.stop()
 
 
-async def produce_at_rate(kafka: str, topic: str, recs: list[tuple[bytes, bytes]], rate: float) -> None:
+async def produce_at_rate(
+    kafka: str, topic: str, recs: list[tuple[bytes, bytes]], rate: float
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=5)
     await producer.start()
     try:
@@ -147,7 +151,12 @@ def lag_quantiles(svc: Service, qs: tuple[float, ...]) -> dict[str, float | None
 
 
 async def end_to_end(
-    kafka: str, es_url: str, model_dir: Path, encoder: SparseEncoder, docs: list[dict[str, str]], tag: str
+    kafka: str,
+    es_url: str,
+    model_dir: Path,
+    encoder: SparseEncoder,
+    docs: list[dict[str, str]],
+    tag: str,
 ) -> dict[str, float]:
     topic = f"bench-e2e-{tag}-{int(time.time())}"
     await make_topic(kafka, topic)
@@ -182,7 +191,13 @@ async def end_to_end(
 
 
 async def latency(
-    kafka: str, es_url: str, model_dir: Path, encoder: SparseEncoder, docs: list[dict[str, str]], rate: float, tag: str
+    kafka: str,
+    es_url: str,
+    model_dir: Path,
+    encoder: SparseEncoder,
+    docs: list[dict[str, str]],
+    rate: float,
+    tag: str,
 ) -> dict[str, Any]:
     topic = f"bench-lat-{tag}-{int(time.time())}"
     await make_topic(kafka, topic)
@@ -236,7 +251,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             rate = args.load_fraction * row["end_to_end"]["docs_per_s"]
             n_lat = max(50, min(len(docs), int(rate * args.latency_seconds)))
-            row["latency"] = await latency(kafka, es_url, model_dir, encoder, docs[:n_lat], rate, f"m{i}")
+            row["latency"] = await latency(
+                kafka, es_url, model_dir, encoder, docs[:n_lat], rate, f"m{i}"
+            )
             results["models"][encoder.metadata.name + f" ({model_dir.name})"] = row
             print_row(encoder.metadata.name, row)
     finally:
@@ -261,7 +278,9 @@ def print_row(name: str, row: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", help="BEIR folder (corpus.jsonl); default: stdlib docstrings")
     parser.add_argument("--model", action="append", required=True, help="model folder (repeatable)")
     parser.add_argument("--docs", type=int, default=2000)

@@ -22,6 +22,7 @@ _CONTRIBUTORS = (
     "service.commands",
     "service.faust_runner",
     "service.demo",
+    "service.eval",
 )
 
 
