@@ -238,13 +238,19 @@ async def _sigkill(env: Env, run: Run, kills: int, seconds_per_kill: float) -> F
             producing.cancel()
             code = await service.stop()
     result.wall_s = time.monotonic() - start
-    result.recovery_s = [r for t in kill_times if (r := watch.progress_after(t)) is not None]
+    # Recovery of a kill: until the next commit, if the replacement made one before it was
+    # killed in turn (otherwise the next kill's recovery covers it).
+    ends = [*kill_times[1:], float("inf")]
+    result.recovery_s = [
+        r for t, end in zip(kill_times, ends, strict=True)
+        if (r := watch.progress_after(t)) is not None and t + r <= end
+    ]  # fmt: skip
     result.extra["exit_code"] = code
     if code != 0:
         result.notes.append(f"last process exited {code} on SIGTERM")
     if len(result.recovery_s) < kills:
         result.notes.append(
-            f"{kills - len(result.recovery_s)} kill(s) with no commit after them (nothing left)"
+            f"{kills - len(result.recovery_s)} replacement(s) killed before their first commit"
         )
     return await finish(env, run, result)
 
