@@ -170,7 +170,7 @@ class Pipeline(ConsumerRebalanceListener):
             if paused:
                 self.consumer.pause(*paused)
                 self.metrics.paused.set(1)
-                log.info("pipeline full: paused %d partition(s)", len(paused))
+                log.debug("pipeline full: paused %d partition(s)", len(paused))
             try:
                 while True:
                     try:
