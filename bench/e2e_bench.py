@@ -53,7 +53,6 @@ from pipeline_bench import (
     encoder_only,
     load_corpus,
     make_topic,
-    produce_all,
     produce_at_rate,
     wait_done,
 )
@@ -62,6 +61,7 @@ from tokenizers import Tokenizer
 from encoder import SparseEncoder, cache_root, fetch_default_model
 from service.app import Service, load_encoder
 from service.config import load_settings
+from service.eval import produce
 
 STAGES = ("prepare", "tokenize", "inference", "encode", "bulk")
 MAPPING = {
@@ -337,7 +337,7 @@ def corpus_records(docs: list[dict[str, str]], n: int, tag: str) -> list[tuple[b
 
 async def backlog(kafka: str, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
     await make_topic(kafka, topic)
-    await produce_all(kafka, topic, recs)
+    await produce(kafka, topic, recs)
 
 
 async def offered_load(

@@ -35,6 +35,7 @@ from encoder import EncodeStats, SparseEncoder
 from service.app import Service
 from service.config import load_settings
 from service.demo_corpus import stdlib_documents
+from service.eval import produce
 
 
 def load_corpus(path: str | None, limit: int) -> list[dict[str, str]]:
@@ -77,16 +78,6 @@ async def make_topic(kafka: str, topic: str, partitions: int = 4) -> None:
 
 def records(docs: list[dict[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(d["id"].encode(), orjson.dumps(d)) for d in docs]
-
-
-async def produce_all(kafka: str, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=20)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, key=k, value=v) for k, v in recs]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def produce_at_rate(
@@ -160,7 +151,7 @@ async def end_to_end(
 ) -> dict[str, float]:
     topic = f"bench-e2e-{tag}-{int(time.time())}"
     await make_topic(kafka, topic)
-    await produce_all(kafka, topic, records(docs))
+    await produce(kafka, topic, records(docs))
     settings = load_settings(
         kafka_bootstrap_servers=kafka,
         kafka_topics=[topic],

@@ -21,12 +21,12 @@ import time
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Service
 from service.config import load_settings
 from service.demo_corpus import stdlib_documents
+from service.eval import produce
 
 # Paraphrase queries: the words of the query rarely occur in the text that answers them.
 CANDIDATE_QUERIES = (
@@ -90,18 +90,6 @@ def _demo(args: argparse.Namespace) -> int:
             _say("\n== stopping the local stack")
             stack.down()
             _say(f"   done in {time.monotonic() - started:.0f}s total")
-
-
-async def _produce(
-    kafka: str, topic: str, records: list[tuple[bytes | None, bytes | None]]
-) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=20)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 def _m(svc: Service, name: str, labels: dict[str, str] | None = None) -> float:
@@ -200,7 +188,7 @@ async def _run(
         _say(
             f"\n== 4. streaming {len(documents)} standard-library doc paragraphs (+{len(bad)} malformed)"
         )
-        producer = asyncio.create_task(_produce(kafka, topic, records))
+        producer = asyncio.create_task(produce(kafka, topic, records))
         await _wait_done(svc, len(records), t0, "stream")
         await producer
         first_pass = time.monotonic() - t0
@@ -223,7 +211,7 @@ async def _run(
         for d in deleted:
             updates.append((d["id"].encode(), None))
         t1 = time.monotonic()
-        await _produce(kafka, topic, updates)
+        await produce(kafka, topic, updates)
         await _wait_done(svc, len(records) + len(updates), t1, "changes")
         await es.indices.refresh(index="demo-docs")
         count = (await es.count(index="demo-docs"))["count"]

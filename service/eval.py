@@ -198,7 +198,10 @@ def corpus_records(data: BeirData) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def produce(kafka: str, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+async def produce(
+    kafka: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
+) -> None:
+    """Send (key, value) records and wait until the broker acknowledged all (None value: tombstone)."""
     producer = AIOKafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=20)
     await producer.start()
     try:
