@@ -515,38 +515,38 @@ async def group_churn(env: Env, docs: int = 1500, step_s: float = 3.0) -> FaultR
         result = FaultResult("group churn (4 joins, 3 leaves)")
         total = len(run.stream.records)
         plan = ["+A", "+B", "+C", "-A", "+D", "-B", "-C"]
-        rate = total / (step_s * (len(plan) + 1))
+        # One slice of the stream per membership, produced over ``step_s`` after the change
+        # (so every configuration of the group sees records, however slow a join or leave).
+        n = len(plan) + 1
+        slices = [run.stream.records[i * total // n : (i + 1) * total // n] for i in range(n)]
         settings = settings_for(env, run.topic, run.index, run.group)
         members: dict[str, Service] = {}
         consumed: dict[str, float] = {}
         changes: list[float] = []
         start = time.monotonic()
         async with CommitWatch(env.kafka, run.group, run.topic, **env.kafka_client) as watch:
-            producing = asyncio.create_task(
-                produce_stream(env.kafka, run.topic, run.stream.records, rate=rate)
-            )
             try:
-                for step in plan:
+                for step, part in zip([*plan, ""], slices, strict=True):
                     name = step[1:]
                     changes.append(time.monotonic())
-                    if step[0] == "+":
+                    if step.startswith("+"):
                         members[name] = Service(settings, encoder=env.encoder)
                         await members[name].start()
-                    else:
+                    elif step.startswith("-"):
                         svc = members.pop(name)
                         await svc.stop()
                         consumed[name] = _consumed(svc, run.topic)
-                    await asyncio.sleep(step_s)
-                await producing
+                    await produce_stream(
+                        env.kafka, run.topic, part, rate=len(part) / step_s, chunk=20
+                    )
                 await wait_committed(env.kafka, run.group, run.topic, 240, **env.kafka_client)
                 await asyncio.sleep(0.5)
             finally:
-                producing.cancel()
                 for name, svc in members.items():
                     await svc.stop()
                     consumed[name] = _consumed(svc, run.topic)
         result.wall_s = time.monotonic() - start
-        result.recovery_s = [r for t in changes[1:] if (r := watch.progress_after(t)) is not None]
+        result.recovery_s = [r for t in changes[1:-1] if (r := watch.progress_after(t)) is not None]
         result.extra["consumed"] = consumed
         result.notes.append(
             f"records consumed per member {consumed} (sum {sum(consumed.values()):.0f} for "

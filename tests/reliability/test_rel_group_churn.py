@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.timeout(180)
 async def test_members_joining_and_leaving_lose_nothing(rel_env: scenarios.Env) -> None:
-    result = await scenarios.group_churn(rel_env, docs=1000, step_s=1.5)
+    result = await scenarios.group_churn(rel_env, docs=700, step_s=1.5)
     assert result.ok, result.summary()
     consumed = result.extra["consumed"]
     assert set(consumed) == {"A", "B", "C", "D"}

@@ -16,7 +16,7 @@ async def test_elasticsearch_frozen_mid_stream(fault_env: scenarios.Env) -> None
     and goes on within about a second of the thaw. (The real stop + start, 30 s, is in
     bench/reliability.py: an Elasticsearch restart costs 25-40 s here, too long for CI.)"""
     result = await scenarios.es_restart(
-        fault_env, docs=1000, outage_s=10.0, stream_s=18.0, freeze=True
+        fault_env, docs=700, outage_s=10.0, stream_s=15.0, freeze=True
     )
     assert result.ok, result.summary()
     assert result.extra["unavailable"] >= 1  # the service really met a dead Elasticsearch
@@ -25,7 +25,7 @@ async def test_elasticsearch_frozen_mid_stream(fault_env: scenarios.Env) -> None
 
 @pytest.mark.timeout(180)
 async def test_elasticsearch_429s_are_retried_until_written(fault_env: scenarios.Env) -> None:
-    result = await scenarios.es_rejections(fault_env, docs=800, writers=6, noise_s=8.0)
+    result = await scenarios.es_rejections(fault_env, docs=500, writers=6, noise_s=6.0)
     assert result.ok, result.summary()
     assert result.extra["node_write_rejections"] > 0, result.summary()
     assert sum(result.extra["service_item_errors"].values()) > 0, result.summary()
@@ -33,6 +33,6 @@ async def test_elasticsearch_429s_are_retried_until_written(fault_env: scenarios
 
 @pytest.mark.timeout(180)
 async def test_kafka_broker_restarted_mid_stream(fault_env: scenarios.Env) -> None:
-    result = await scenarios.kafka_restart(fault_env, docs=1000, downtime_s=5.0, stream_s=12.0)
+    result = await scenarios.kafka_restart(fault_env, docs=700, downtime_s=5.0, stream_s=10.0)
     assert result.ok, result.summary()
     assert result.recovery_s, result.summary()
