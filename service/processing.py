@@ -90,6 +90,7 @@ class BatchProcessor:
         self.unavailable_backoff_s = unavailable_backoff_s
         self.max_unavailable_backoff_s = max_unavailable_backoff_s
         self._stats_factory = stats_factory
+        self._probe_failed = False  # a probe found Elasticsearch down since its last answer
 
     def add_record(
         self,
@@ -237,17 +238,18 @@ class BatchProcessor:
 
     async def _wait_until_back(self, limit: float) -> None:
         """Back off for up to ``limit`` seconds, but end early once Elasticsearch, found
-        unreachable during the wait, answers again (a cheap probe each second): after an
-        outage writing resumes within about a second, not after the rest of a 30 s backoff."""
+        unreachable by a probe (in this wait or an earlier one), answers again (a cheap probe
+        each second): after an outage writing resumes within about a second, not after the
+        rest of a 30 s backoff. (A node that answers probes but not bulks gets the plain
+        backoff.)"""
         deadline = time.monotonic() + limit
-        was_down = False
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(1.0, left))
-            if await self.sink.reachable():
-                if was_down:
-                    return
-            else:
-                was_down = True
+            if not await self.sink.reachable():
+                self._probe_failed = True
+            elif self._probe_failed:
+                self._probe_failed = False
+                return
 
     async def finish(self, batch: Batch) -> None:
         """Send the batch's dead letters and wait for the broker to have them."""

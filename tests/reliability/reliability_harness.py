@@ -439,11 +439,13 @@ class CommitWatch:
             best = total
         return best
 
-    def progress_after(self, when: float) -> float | None:
-        """Seconds from ``when`` until the committed total first grew past its value then."""
-        base = self.at(when)
+    def progress_after(self, when: float, settle: float = 0.0) -> float | None:
+        """Seconds from ``when`` until the committed total first grew past its value then.
+        ``settle``: commits seen within that many seconds after ``when`` count as before it
+        (a commit sent just before a kill, or sampled late, is not the replacement's)."""
+        base = self.at(when + settle)
         for t, total in self.samples:
-            if t > when and total > base:
+            if t > when + settle and total > base:
                 return t - when
         return None
 

@@ -243,7 +243,7 @@ async def _sigkill(env: Env, run: Run, kills: int, seconds_per_kill: float) -> F
     ends = [*kill_times[1:], float("inf")]
     result.recovery_s = [
         r for t, end in zip(kill_times, ends, strict=True)
-        if (r := watch.progress_after(t)) is not None and t + r <= end
+        if (r := watch.progress_after(t, settle=0.6)) is not None and t + r <= end
     ]  # fmt: skip
     result.extra["exit_code"] = code
     if code != 0:
