@@ -509,19 +509,32 @@ def fidelity_report(
 
 
 QUANT_VARIANTS: dict[str, dict[str, Any]] = {
-    "per-channel": {},
+    "per-channel": {"op_types": ("MatMul",)},
     "per-tensor": {"per_channel": False},
     "per-channel+vocab-fp32": {"fp32_groups": ("vocab",)},
-    "per-channel+int8-embeddings": {"op_types": ("MatMul", "Gather")},
+    "per-channel+int8-embeddings": {"op_types": ("MatMul", "Gather")},  # the default
+    # attention as standard ops (the control) and with its activation x activation MatMuls
+    # (Q.K^T, P.V) quantized too (DynamicQuantizeLinear on both inputs + MatMulInteger)
+    "plain-attention": {"graph": {"attention": "plain"}},
+    "plain-attention+attention-int8": {"graph": {"attention": "plain"}, "const_b_only": False},
+    "qattention": {
+        "graph": {"attention": "attention"},
+        "op_types": ("MatMul", "Gather", "Attention"),
+    },
 }
 
 
-def quant_variants(model_name: str, model_dir: Path) -> dict[str, Path]:
+def quant_variants(model_name: str, model_dir: Path, names: Sequence[str] = ()) -> dict[str, Path]:
     """Export each quantization variant of a model (once) into the bench cache."""
     from encoder.export import QuantizeOptions, export_model
+    from encoder.graph import GraphOptions
 
     out = {}
     for name, kw in QUANT_VARIANTS.items():
+        if names and name not in names:
+            continue
+        kw = dict(kw)
+        graph = GraphOptions(**kw.pop("graph", {}))
         folder = cache_root() / "bench" / "quant" / model_name / name
         if not _is_current(folder):
             print(f"exporting {model_name} {name} ...", file=sys.stderr, flush=True)
@@ -532,6 +545,7 @@ def quant_variants(model_name: str, model_dir: Path) -> dict[str, Path]:
                 name=f"{model_name}.{name}",
                 keep_fp32=False,
                 quantize_options=QuantizeOptions(**kw),
+                graph_options=graph,
             )
         out[name] = folder
     return out
@@ -560,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="fidelity (default model) and speed of each quantization variant",
     )
+    parser.add_argument("--variants", help="--quant-study: only these variants (comma list)")
     parser.add_argument("--rss-check", action="store_true", help="BERT-base INT8, 32 x 256 batches")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "tmp" / "encoder_bench.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -667,15 +682,18 @@ def quant_study(
 ) -> dict[str, Any]:
     study: dict[str, Any] = {}
     for model_name, model_dir in models.items():
-        variants = quant_variants(model_name, model_dir)
+        names = [v for v in args.variants.split(",") if v] if args.variants else []
+        variants = quant_variants(model_name, model_dir, names)
         limit = int(docs_per_model["tiny" if model_name == DEFAULT_MODEL_NAME else "base"]) or None
         speed: dict[str, Any] = {}
+        runs = [(name, folder, "int8") for name, folder in variants.items()]
+        runs.append(("fp32 (the model's own FP32 graph)", model_dir, "fp32"))
         for _ in range(args.rounds):
-            for name, folder in variants.items():
+            for name, folder, kind in runs:
                 res = spawn_worker(
                     {
                         "model_dir": str(folder),
-                        "kind": "int8",
+                        "kind": kind,
                         "workload": {"type": "scifact", "path": str(args.scifact), "docs": limit},
                         "threads": args.threads,
                         "max_batch_tokens": batch_tokens,
@@ -685,7 +703,7 @@ def quant_study(
                 )
                 if name not in speed or res.get("seconds", math.inf) < speed[name]["seconds"]:
                     speed[name] = res
-                _print_row(model_name, f"quant {name}", "int8", res)
+                _print_row(model_name, f"quant {name}", kind, res)
         study[model_name] = {"speed": speed}
         if model_name == DEFAULT_MODEL_NAME:
             study[model_name]["fidelity"] = fidelity_report(

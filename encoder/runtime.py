@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,8 +97,9 @@ class SparseEncoder:
         self._tok = tokenizer
         self._features = FeatureTable.from_tokenizer(tokenizer, metadata.vocab_size)
         self._idf = idf
-        self._lock = threading.Lock()
+        self._gate = _SessionGate()
         self._executor: ThreadPoolExecutor | None = None
+        self._query_executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         probe = "a"
         plain = tokenizer.encode(probe, add_special_tokens=False).ids
@@ -242,26 +245,28 @@ class SparseEncoder:
         return [len(e.ids) for e in encs]
 
     def encode_documents(
-        self, texts: Sequence[str], stats: EncodeStats | None = None
+        self, texts: Sequence[str], stats: EncodeStats | None = None, *, priority: bool = False
     ) -> list[SparseVector]:
-        """One ``{token: weight}`` per text; long texts follow ``self.long_text``."""
-        with self._lock:
-            return [vecs[0] for vecs in self._encode(texts, stats, per_window=False)]
+        """One ``{token: weight}`` per text; long texts follow ``self.long_text``.
+        ``priority``: an interactive call (an API request), served before waiting batches."""
+        return [vecs[0] for vecs in self._encode(texts, stats, per_window=False, priority=priority)]
 
     def encode_documents_chunks(
         self, texts: Sequence[str], stats: EncodeStats | None = None
     ) -> list[list[SparseVector]]:
         """Per text, one vector per window (overlapping windows of ``max_length`` tokens)."""
-        with self._lock:
-            return self._encode(texts, stats, per_window=True)
+        return self._encode(texts, stats, per_window=True)
 
     def encode_queries(
         self, texts: Sequence[str], stats: EncodeStats | None = None
     ) -> list[SparseVector]:
-        """Query vectors: the model itself, or inference-free IDF/tokenizer weights."""
+        """Query vectors: the model itself, or inference-free IDF/tokenizer weights.
+
+        Model inference for queries goes before waiting document batches (they wait at most
+        for the one inference call in progress)."""
         mode = self.metadata.query_mode
         if mode == "model":
-            return self.encode_documents(texts, stats)
+            return [v[0] for v in self._encode(texts, stats, per_window=False, priority=True)]
         t0 = time.perf_counter()
         encs = self._encode_batch(texts, add_special_tokens=False)
         t1 = time.perf_counter()
@@ -283,21 +288,27 @@ class SparseEncoder:
         return out
 
     async def aencode_documents(
-        self, texts: Sequence[str], stats: EncodeStats | None = None
+        self, texts: Sequence[str], stats: EncodeStats | None = None, *, priority: bool = False
     ) -> list[SparseVector]:
+        """Off the event loop. ``priority``: an interactive request (e.g. ``POST /encode``): it
+        runs on the query thread and goes before the ingest's waiting inference calls."""
+        if priority:
+            fn = functools.partial(self.encode_documents, priority=True)
+            return await self._off_loop(fn, list(texts), stats, query=True)
         return await self._off_loop(self.encode_documents, list(texts), stats)
 
     async def aencode_queries(
         self, texts: Sequence[str], stats: EncodeStats | None = None
     ) -> list[SparseVector]:
-        return await self._off_loop(self.encode_queries, list(texts), stats)
+        return await self._off_loop(self.encode_queries, list(texts), stats, query=True)
 
     def close(self) -> None:
         """Stop the async executor (the session is freed with the object)."""
         with self._executor_lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for executor in (self._executor, self._query_executor):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._executor = self._query_executor = None
 
     def __enter__(self) -> SparseEncoder:
         return self
@@ -308,12 +319,21 @@ class SparseEncoder:
     # ---------------------------------------------------------------------------- internals
 
     async def _off_loop(
-        self, fn: _EncodeFn, texts: list[str], stats: EncodeStats | None
+        self, fn: _EncodeFn, texts: list[str], stats: EncodeStats | None, *, query: bool = False
     ) -> list[SparseVector]:
+        # Documents and queries on threads of their own: a query never queues behind a
+        # document call, only (at the session gate) behind the inference call in progress.
         with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-encoder")
-            executor = self._executor
+            if query:
+                if self._query_executor is None:
+                    self._query_executor = ThreadPoolExecutor(
+                        1, thread_name_prefix="sparse-encoder-query"
+                    )
+                executor = self._query_executor
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-encoder")
+                executor = self._executor
         return await asyncio.get_running_loop().run_in_executor(executor, fn, texts, stats)
 
     def _encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool) -> list[Encoding]:
@@ -334,14 +354,20 @@ class SparseEncoder:
                 units.append(_Unit(doc, prefix + ids[start : start + window] + suffix))
         return units
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, priority: bool = False) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         for name in self._extra_inputs:  # token_type_ids of foreign exports: one segment
             feeds[name] = np.zeros_like(ids)
-        return self._session.run([OUTPUT_NAME], feeds)[0]
+        with self._gate.hold(priority):  # one inference at a time owns the session's threads
+            return self._session.run([OUTPUT_NAME], feeds)[0]
 
     def _encode(
-        self, texts: Sequence[str], stats: EncodeStats | None, *, per_window: bool
+        self,
+        texts: Sequence[str],
+        stats: EncodeStats | None,
+        *,
+        per_window: bool,
+        priority: bool = False,
     ) -> list[list[SparseVector]]:
         """Per text: its window vectors (``per_window``) or a one-item list of its vector."""
         if isinstance(texts, str):
@@ -375,7 +401,7 @@ class SparseEncoder:
                 mask[row, : lengths[i]] = 1
             st.padded_tokens += ids.size
             t2 = time.perf_counter()
-            out = self._run(ids, mask)
+            out = self._run(ids, mask, priority)
             t3 = time.perf_counter()
             if per_window:
                 for i, vec in zip(batch, self._features.to_dicts(out), strict=True):
@@ -404,6 +430,36 @@ class SparseEncoder:
         for unit, vec in zip(units, per_unit, strict=True):
             grouped[unit.doc].append(vec)
         return grouped
+
+
+class _SessionGate:
+    """One inference call at a time (each owns all the session's intra-op threads), callers
+    with priority (queries) first: a waiting priority caller goes before every waiting normal
+    one, so a query waits at most for the call in progress, not for a whole document batch."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._priority_waiting = 0
+
+    @contextmanager
+    def hold(self, priority: bool) -> Iterator[None]:
+        with self._cond:
+            if priority:
+                self._priority_waiting += 1
+                try:
+                    self._cond.wait_for(lambda: not self._busy)
+                finally:
+                    self._priority_waiting -= 1
+            else:
+                self._cond.wait_for(lambda: not self._busy and not self._priority_waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:

@@ -166,7 +166,7 @@ class HttpApi:
         if as_query:
             vectors = await self.encoder.aencode_queries(texts)
         else:
-            vectors = await self.encoder.aencode_documents(texts)
+            vectors = await self.encoder.aencode_documents(texts, priority=True)
         took = time.perf_counter() - start
         out = [dict(sorted(v.items(), key=lambda kv: kv[1], reverse=True)[:top]) for v in vectors]
         return _json(

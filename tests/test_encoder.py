@@ -286,9 +286,9 @@ async def test_async_runs_off_the_event_loop(int8: SparseEncoder) -> None:
     seen: list[str] = []
     original = int8._run
 
-    def spy(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def spy(ids: np.ndarray, mask: np.ndarray, priority: bool = False) -> np.ndarray:
         seen.append(threading.current_thread().name)
-        return original(ids, mask)
+        return original(ids, mask, priority)
 
     int8._run = spy  # type: ignore[method-assign]
     try:
@@ -297,6 +297,39 @@ async def test_async_runs_off_the_event_loop(int8: SparseEncoder) -> None:
         del int8._run
     assert got[0] == int8.encode_documents(TEXTS[:3])
     assert seen and all(name.startswith("sparse-encoder") for name in seen)
+
+
+async def test_query_goes_before_waiting_document_batches(int8: SparseEncoder) -> None:
+    """A query sent while a long document call runs waits for one inference call, not for
+    the whole call: it finishes while the documents are still being encoded, and its vector
+    is the one it gets alone."""
+    order: list[str] = []
+    original = int8._run
+    started = threading.Event()
+
+    def spy(ids: np.ndarray, mask: np.ndarray, priority: bool = False) -> np.ndarray:
+        out = original(ids, mask, priority)
+        order.append("query" if priority else "docs")
+        if len(order) >= 2:
+            started.set()
+        return out
+
+    docs = [f"{TEXTS[i % len(TEXTS)]} " * 12 for i in range(300)]  # ~60 inference calls
+    alone = int8.encode_queries(["symptoms of type 2 diabetes"])
+    int8._run = spy  # type: ignore[method-assign]
+    try:
+        doc_task = asyncio.ensure_future(int8.aencode_documents(docs))
+        assert await asyncio.to_thread(started.wait, 30)
+        got = await int8.aencode_queries(["symptoms of type 2 diabetes"])
+        still_running = not doc_task.done()
+        vectors = await doc_task
+    finally:
+        del int8._run
+    assert got == alone
+    assert still_running, "the query waited for the whole document call"
+    first_query = order.index("query")
+    assert order[first_query + 1 :].count("docs") >= 10, order
+    assert len(vectors) == len(docs)
 
 
 # ---------------------------------------------------------------------------------- errors
