@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup install test check lint format demo stack-fetch stack-up stack-down stack-status
+.PHONY: setup install test check lint format demo stack-fetch stack-up stack-down stack-status \
+	venv-torch test-torch
 
 # Fresh machine: apt packages, .venv, Kafka/Elasticsearch artifacts, JDK check, default model.
 setup:
@@ -45,3 +46,14 @@ stack-down:
 
 stack-status:
 	$(BIN)/sparse-ingest stack status $(STACK_ARGS)
+
+# Optional, never needed to run or export: a second venv with PyTorch + transformers for the
+# exporter's cross-check test and the PyTorch eager rows of bench/encoder_bench.py. PyPI's Linux
+# torch wheel pulls the CUDA stack (~6 GB), hence its own venv under the cache, not .venv.
+TORCH_VENV ?= $(HOME)/.cache/sparse-ingest/venv-torch
+venv-torch:
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet -e '.[dev,torch]'
+
+test-torch: venv-torch
+	$(TORCH_VENV)/bin/pytest -q tests/test_encoder_export.py tests/test_encoder.py

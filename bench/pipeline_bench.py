@@ -393,12 +393,42 @@ def print_row(name: str, row: dict[str, Any]) -> None:
     )
 
 
+def markdown(paths: list[str]) -> str:
+    """One markdown table of the runs saved with --json (``--report a.json b.json ...``)."""
+    lines = [
+        "| model | cores | docs | encoder only docs/s | end to end docs/s | e2e / encoder"
+        " (median; rounds) | CPU s: service / ES / Kafka | query wait p50 / max | lag p50 / p99"
+        " at half rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        cores = f"stack on CPU {run['stack_cpus']}" if run.get("stack_cpus") else "shared"
+        for name, row in run["models"].items():
+            enc, e2e, lat = row["encoder_only"], row["end_to_end"], row["latency"]
+            cpu = e2e["cpu_seconds"]
+            q = e2e.get("query_encode_seconds") or {}
+            qtxt = f"{q['p50'] * 1000:.0f} / {q['max'] * 1000:.0f} ms" if q.get("n") else "-"
+            ratios = ", ".join(f"{r:.2f}" for r in row.get("ratios", [row["ratio_e2e_to_encoder"]]))
+            lines.append(
+                f"| {name.split(' (')[0]} | {cores} | {row['docs']} | {enc['docs_per_s']:.1f}"
+                f" | {e2e['docs_per_s']:.1f} | **{row['ratio_e2e_to_encoder']:.2f}** ({ratios})"
+                f" | {cpu.get('this process', 0):.1f} / {cpu.get('elasticsearch', 0):.1f}"
+                f" / {cpu.get('kafka', 0):.1f} | {qtxt}"
+                f" | {lat['p50']:.2f} / {lat['p99']:.2f} s |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--corpus", help="BEIR folder (corpus.jsonl); default: stdlib docstrings")
-    parser.add_argument("--model", action="append", required=True, help="model folder (repeatable)")
+    parser.add_argument("--model", action="append", help="model folder (repeatable)")
+    parser.add_argument(
+        "--report", nargs="+", metavar="JSON", help="print a markdown table of saved runs and exit"
+    )
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument(
         "--rounds", type=int, default=3, help="encoder-only / end-to-end pairs, alternating"
@@ -414,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--es-url")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown(args.report))
+        return 0
+    if not args.model:
+        parser.error("--model is required")
     logging.basicConfig(level=logging.WARNING)
     results = asyncio.run(run(args))
     if args.json:

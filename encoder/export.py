@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from encoder.checkpoint import MaskedLMWeights, load_masked_lm, sha256_file, weights_file
 from encoder.errors import ModelError
-from encoder.graph import GraphOptions, build_graph
+from encoder.graph import ORT_DISABLED_OPTIMIZERS, GraphOptions, build_graph
 from encoder.metadata import (
     FP32_MODEL_FILE,
     IDF_FILE,
@@ -42,7 +42,7 @@ from encoder.registry import QueryMode
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = "sparse-ingest-exporter/2"
+EXPORTER_VERSION = "sparse-ingest-exporter/3"
 
 # Node groups that can be left in FP32 (matched against node names from encoder.graph).
 FP32_GROUPS: dict[str, tuple[str, ...]] = {
@@ -105,7 +105,12 @@ def _session(path: Path, threads: int = 0) -> ort.InferenceSession:
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+    )
 
 
 def quantize_int8(src: Path, dst: Path, options: QuantizeOptions) -> QuantizationInfo:

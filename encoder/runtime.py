@@ -23,7 +23,7 @@ from encoder.checkpoint import SUPPORTED_ARCHITECTURES
 from encoder.cpu import available_cpus, cpu_features
 from encoder.errors import ModelError
 from encoder.features import FeatureTable
-from encoder.graph import OUTPUT_NAME
+from encoder.graph import ORT_DISABLED_OPTIMIZERS, OUTPUT_NAME
 from encoder.metadata import (
     IDF_FILE,
     MODEL_FILE,
@@ -470,7 +470,12 @@ def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(model_path),
+            opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+        )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise ModelError(
             f"{model_path}: ONNX Runtime cannot load it ({str(exc).strip()[:300]}); the file is "

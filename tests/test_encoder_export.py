@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from encoder import ModelError, SparseEncoder
 from encoder.checkpoint import load_masked_lm, read_safetensors, read_torch_zip
 from encoder.export import export_model
-from encoder.fetch import fetch_source
+from encoder.fetch import fetch_default_model, fetch_source
 from encoder.graph import GraphOptions, build_graph
 from encoder.reference import mlm_logits, splade_vectors
 from encoder.registry import DEFAULT_MODEL_NAME
@@ -251,6 +251,32 @@ def test_fp32_groups_keep_vocab_matmuls_in_fp32(tmp_path: Path, random_bert: Pat
     model = onnx.load(str(tmp_path / "out" / "model.onnx"))
     float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     assert float_matmuls and all("vocab_logits" in n for n in float_matmuls)
+
+
+def test_residual_layernorm_stays_unfused(tmp_path: Path) -> None:
+    """Add + LayerNormalization in the export, and the sessions keep them so: ORT's
+    SkipLayerNormalization CPU kernel is ~4x slower (docs/encoder.md, Exporter)."""
+    import onnx
+
+    from encoder.graph import ORT_DISABLED_OPTIMIZERS
+
+    model_dir = fetch_default_model()
+    for name in ("model.onnx", "model.fp32.onnx"):
+        ops = {n.op_type for n in onnx.load(str(model_dir / name)).graph.node}
+        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, name
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(tmp_path / f"optimized.{name}")
+        ort.InferenceSession(
+            str(model_dir / name),
+            opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+        )
+        optimized = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        assert "SkipLayerNormalization" not in optimized, name
+    # what the runtime does, checked the same way: its session options carry the list
+    assert "SkipLayerNormFusion" in ORT_DISABLED_OPTIMIZERS
 
 
 # ----------------------------------------------------------------------- checkpoint formats
