@@ -38,6 +38,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from deploy.local.procs import cpu_seconds, group_members
 from encoder import EncodeStats, SparseEncoder
 from service.app import Service
 from service.config import load_settings
@@ -138,35 +139,12 @@ async def probe_queries(encoder: SparseEncoder, stop: asyncio.Event, out: list[f
             await asyncio.wait_for(stop.wait(), 0.5)
 
 
-def _cpu_seconds_of_group(pgid: int) -> float:
-    """CPU seconds (user + system) of every process in a process group (a stack service and
-    its children: Elasticsearch's launcher and server JVMs)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields[0] is the state; pgrp is the 5th field of stat
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def _group_tasks(pgid: int) -> list[int]:
     """Every thread of every process in a process group."""
     tids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                tids += [int(t.name) for t in (entry / "task").iterdir()]
-        except OSError:
-            continue
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError):  # a process that just ended
+            tids += [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
     return tids
 
 
@@ -189,7 +167,8 @@ def cpu_snapshot(groups: dict[str, int]) -> dict[str, float]:
     t = os.times()
     snap = {"this process": t.user + t.system}
     for name, pgid in groups.items():
-        snap[name] = _cpu_seconds_of_group(pgid)
+        # the service's whole process group: Elasticsearch's launcher and server JVMs
+        snap[name] = sum(cpu_seconds(pid) for pid in group_members(pgid))
     return snap
 
 
