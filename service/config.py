@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     kafka_group_id: str = "sparse-ingest"
     kafka_client_id: str = "sparse-ingest"
     kafka_dead_letter_topic: str = ""  # default: "<first topic>.dlq"
+    # create the dead-letter topic at start when it is missing (partitions: as the widest source
+    # topic); off: a missing one stops the start with an error (clusters without the right ACL)
+    kafka_create_dead_letter_topic: bool = True
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

@@ -16,6 +16,7 @@ from service_support import (
     doc,
     end_offsets,
     metric,
+    partitions,
     produce,
     read_topic,
     running_service,
@@ -24,6 +25,7 @@ from service_support import (
     wait_all_committed,
 )
 
+from service.app import Service, StartupError
 from service.messages import META_FIELD
 
 pytestmark = pytest.mark.integration
@@ -218,6 +220,38 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_stream_goes_on(
         assert int(headers["source.offset"]) == stream.index((key, value, _))
         assert headers["error.message"]
     assert dict(by_key[b"k7"].headers)["trace"] == b"abc"  # the record's own headers are kept
+
+
+async def test_dead_letter_topic_is_made_at_start_or_named_in_the_error(
+    kafka_bootstrap: str, es_url: str, topic: str, index_name: str, default_encoder: Any
+) -> None:
+    """Before the first bad record: created (partitions as the source topic), or, with creation
+    off, a start-up error that names the topic and the setting."""
+    await create_topic(kafka_bootstrap, topic, partitions=3)
+    settings = service_settings(
+        kafka_bootstrap, es_url, topic, index_name, kafka_dead_letter_topic=f"{topic}.letters"
+    )
+    async with running_service(settings, default_encoder):
+        assert len(await partitions(kafka_bootstrap, f"{topic}.letters")) == 3
+    async with running_service(settings, default_encoder):  # exists now: started as it is
+        pass
+
+    missing = service_settings(
+        kafka_bootstrap,
+        es_url,
+        topic,
+        index_name,
+        kafka_dead_letter_topic=f"{topic}.nowhere",
+        kafka_create_dead_letter_topic=False,
+    )
+    svc = Service(missing, encoder=default_encoder)
+    try:
+        with pytest.raises(StartupError) as err:
+            await svc.start()
+    finally:
+        await svc.stop()
+    assert f"{topic}.nowhere" in str(err.value)
+    assert "SPARSE_INGEST_KAFKA_CREATE_DEAD_LETTER_TOPIC" in str(err.value)
 
 
 async def test_restart_resumes_without_loss_or_rework(
