@@ -27,7 +27,7 @@ from deploy.local import (
     kafka_metadata,
 )
 from deploy.local import artifacts as fetching
-from deploy.local.probes import elasticsearch_health
+from deploy.local.probes import elasticsearch_health, kafka_coordinator_ready
 from deploy.local.versions import ELASTICSEARCH_JAVA_MODULES
 
 pytestmark = pytest.mark.integration
@@ -53,6 +53,8 @@ def test_session_stack_is_up_and_healthy(stack: StackInfo, local_stack: LocalSta
     host, port = stack.kafka_bootstrap.rsplit(":", 1)
     meta = kafka_metadata(host, int(port))
     assert [(b[1], b[2]) for b in meta.brokers] == [(host, int(port))]
+    # ready means groups can join at once (no GroupCoordinatorNotAvailable on the first join)
+    assert kafka_coordinator_ready(host, int(port))
     if local_stack is not None:
         status = local_stack.status()
         assert status.healthy, status.describe()

@@ -1,7 +1,10 @@
 """Readiness probes with the standard library only.
 
 - Kafka: a raw ApiVersions (v0) request, then a Metadata request (the highest non-flexible
-  version the broker supports, v4..v8) that must list at least one broker.
+  version the broker supports, v4..v8) that must list at least one broker, then FindCoordinator
+  (v1/v2) for a group, which must name a coordinator: consumer groups can join at once (a fresh
+  broker creates ``__consumer_offsets`` on that first request; clients that come earlier log
+  ``GroupCoordinatorNotAvailableError`` and retry).
 - Elasticsearch: ``GET /_cluster/health`` must say yellow or green.
 - Prometheus: ``GET /-/ready`` must answer 200.
 """
@@ -18,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 
 _API_METADATA = 3
+_API_FIND_COORDINATOR = 10
 _API_VERSIONS = 18
 
 
@@ -70,18 +74,38 @@ def _request(sock: socket.socket, api_key: int, version: int, corr: int, body: b
     return reader
 
 
+def _api_versions(sock: socket.socket) -> dict[int, tuple[int, int]]:
+    r = _request(sock, _API_VERSIONS, 0, 1, b"")
+    error = r.take(">h")
+    if error != 0:
+        raise ConnectionError(f"ApiVersions error code {error}")
+    versions: dict[int, tuple[int, int]] = {}
+    for _ in range(r.take(">i")):
+        key, lo, hi = r.take(">h"), r.take(">h"), r.take(">h")
+        versions[key] = (lo, hi)
+    return versions
+
+
+def kafka_coordinator_ready(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Does the broker name a group coordinator (FindCoordinator v1/v2, error code 0)?"""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        lo, hi = _api_versions(sock).get(_API_FIND_COORDINATOR, (0, -1))
+        version = min(hi, 2)  # v3+ is the flexible encoding
+        if version < max(lo, 1):
+            return False
+        group = b"sparse-ingest-probe"
+        body = struct.pack(">h", len(group)) + group + struct.pack(">b", 0)  # key, type=group
+        r = _request(sock, _API_FIND_COORDINATOR, version, 2, body)
+        r.take(">i")  # throttle_time_ms
+        return r.take(">h") == 0
+
+
 def kafka_metadata(host: str, port: int, timeout: float = 5.0) -> KafkaMetadata:
     """Ask a broker for cluster metadata; raises OSError/ConnectionError when not ready."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
-        r = _request(sock, _API_VERSIONS, 0, 1, b"")
-        error = r.take(">h")
-        if error != 0:
-            raise ConnectionError(f"ApiVersions error code {error}")
-        versions: dict[int, tuple[int, int]] = {}
-        for _ in range(r.take(">i")):
-            key, lo, hi = r.take(">h"), r.take(">h"), r.take(">h")
-            versions[key] = (lo, hi)
+        versions = _api_versions(sock)
         lo, hi = versions.get(_API_METADATA, (0, -1))
         version = min(hi, 8)
         if version < max(lo, 4):
@@ -106,7 +130,9 @@ def kafka_metadata(host: str, port: int, timeout: float = 5.0) -> KafkaMetadata:
 def kafka_ready(bootstrap: str, timeout: float = 5.0) -> bool:
     host, _, port = bootstrap.rpartition(":")
     try:
-        return bool(kafka_metadata(host, int(port), timeout).brokers)
+        return bool(kafka_metadata(host, int(port), timeout).brokers) and kafka_coordinator_ready(
+            host, int(port), timeout
+        )
     except (OSError, ConnectionError, struct.error, ValueError, UnicodeDecodeError):
         return False
 
