@@ -50,9 +50,9 @@ from aiokafka import AIOKafkaConsumer
 from elasticsearch import Elasticsearch, helpers
 from pipeline_bench import (
     _sample,
+    bench_settings,
     encoder_only,
     load_corpus,
-    make_topic,
     produce_at_rate,
     wait_done,
 )
@@ -60,8 +60,7 @@ from tokenizers import Tokenizer
 
 from encoder import SparseEncoder, cache_root, fetch_default_model
 from service.app import Service, load_encoder
-from service.config import load_settings
-from service.eval import produce
+from service.eval import create_topic, produce
 
 STAGES = ("prepare", "tokenize", "inference", "encode", "bulk")
 MAPPING = {
@@ -253,18 +252,7 @@ class LagRecorder:
         self.histogram.observe(value)
 
 
-def ours_settings(kafka: str, es_url: str, model_dir: Path, topic: str, **extra: Any) -> Any:
-    return load_settings(
-        kafka_bootstrap_servers=kafka,
-        kafka_topics=[topic],
-        kafka_group_id=topic,
-        es_url=es_url,
-        es_index=topic,
-        model_dir=model_dir,
-        http_port=0,
-        es_refresh_interval="1s",
-        **extra,
-    )
+ours_settings = bench_settings
 
 
 async def _first_consumed(svc: Service, topic: str) -> float:
@@ -336,7 +324,7 @@ def corpus_records(docs: list[dict[str, str]], n: int, tag: str) -> list[tuple[b
 
 
 async def backlog(kafka: str, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
-    await make_topic(kafka, topic)
+    await create_topic(kafka, topic)
     await produce(kafka, topic, recs)
 
 
@@ -344,7 +332,7 @@ async def offered_load(
     kafka: str, topic: str, recs: list[tuple[bytes, bytes]], rate: float, drain: Any
 ) -> tuple[dict[str, Any], float]:
     """Start ``drain`` (a coroutine factory), then a producer process at ``rate`` docs/s."""
-    await make_topic(kafka, topic)
+    await create_topic(kafka, topic)
     task = asyncio.create_task(drain())
     await asyncio.sleep(5)  # consumer start and group join
     proc = multiprocessing.get_context("spawn").Process(

@@ -36,14 +36,13 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.local.procs import cpu_seconds, group_members
 from encoder import EncodeStats, SparseEncoder
 from service.app import Service
 from service.config import load_settings
 from service.demo_corpus import stdlib_documents
-from service.eval import produce
+from service.eval import create_topic, produce
 
 
 def load_corpus(path: str | None, limit: int) -> list[dict[str, str]]:
@@ -75,13 +74,19 @@ def encoder_only(encoder: SparseEncoder, texts: list[str], batch_docs: int) -> d
     }
 
 
-async def make_topic(kafka: str, topic: str, partitions: int = 4) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
+def bench_settings(kafka: str, es_url: str, model_dir: Path, topic: str, **extra: Any) -> Any:
+    """The service's settings for one run: its own topic, group and index; 1 s refresh."""
+    return load_settings(
+        kafka_bootstrap_servers=kafka,
+        kafka_topics=[topic],
+        kafka_group_id=topic,
+        es_url=es_url,
+        es_index=topic,
+        model_dir=model_dir,
+        http_port=0,
+        es_refresh_interval="1s",
+        **extra,
+    )
 
 
 def records(docs: list[dict[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -211,18 +216,9 @@ async def end_to_end(
     groups: dict[str, int],
 ) -> dict[str, Any]:
     topic = f"bench-e2e-{tag}-{int(time.time())}"
-    await make_topic(kafka, topic)
+    await create_topic(kafka, topic)
     await produce(kafka, topic, records(docs))
-    settings = load_settings(
-        kafka_bootstrap_servers=kafka,
-        kafka_topics=[topic],
-        kafka_group_id=topic,
-        es_url=es_url,
-        es_index=topic,
-        model_dir=model_dir,
-        http_port=0,
-        es_refresh_interval="1s",
-    )
+    settings = bench_settings(kafka, es_url, model_dir, topic)
     svc = Service(settings, encoder=encoder)
     start = time.perf_counter()
     await svc.start()
@@ -268,18 +264,8 @@ async def latency(
     tag: str,
 ) -> dict[str, Any]:
     topic = f"bench-lat-{tag}-{int(time.time())}"
-    await make_topic(kafka, topic)
-    settings = load_settings(
-        kafka_bootstrap_servers=kafka,
-        kafka_topics=[topic],
-        kafka_group_id=topic,
-        es_url=es_url,
-        es_index=topic,
-        model_dir=model_dir,
-        http_port=0,
-        es_refresh_interval="1s",
-        batch_linger_ms=50,
-    )
+    await create_topic(kafka, topic)
+    settings = bench_settings(kafka, es_url, model_dir, topic, batch_linger_ms=50)
     svc = Service(settings, encoder=encoder)
     await svc.start()
     await asyncio.sleep(2)  # group join

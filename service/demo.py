@@ -21,12 +21,11 @@ import time
 from typing import Any
 
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service.app import Service
 from service.config import load_settings
 from service.demo_corpus import stdlib_documents
-from service.eval import produce
+from service.eval import create_topic, produce
 
 # Paraphrase queries: the words of the query rarely occur in the text that answers them.
 CANDIDATE_QUERIES = (
@@ -158,12 +157,7 @@ async def _run(
         text_fields=["title", "body"],
     )
     documents = list(stdlib_documents(args.documents))
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 4, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka, topic, 4)
 
     svc = Service(settings)
     assert svc.es is None

@@ -181,7 +181,8 @@ class RecordingEncoder:
 # ------------------------------------------------------------------------------ indexing
 
 
-async def _create_topic(kafka: str, topic: str, partitions: int) -> None:
+async def create_topic(kafka: str, topic: str, partitions: int = 4) -> None:
+    """Create a topic (replication 1: the local stack's single broker)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
     await admin.start()
     try:
@@ -265,7 +266,7 @@ async def index_corpus(
 ) -> IndexReport:
     """Produce the corpus, run the service in-process until committed, settle the index."""
     topic = settings.kafka_topics[0]
-    await _create_topic(kafka, topic, partitions)
+    await create_topic(kafka, topic, partitions)
     records = corpus_records(data)
     await produce(kafka, topic, records)
     recorder = RecordingEncoder(encoder)
