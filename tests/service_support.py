@@ -10,11 +10,12 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from service.app import Service
 from service.config import Settings, load_settings
+from service.eval import create_topic  # noqa: F401  (re-exported for the tests)
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
@@ -46,15 +47,6 @@ def service_settings(kafka: str, es_url: str, topic: str, index: str, **override
     }
     values.update(overrides)
     return load_settings(**values)
-
-
-async def create_topic(kafka: str, topic: str, partitions: int = 4) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def produce(
