@@ -140,7 +140,8 @@ def _weights_for(model_dir: Path) -> Any:
 def _helper_dir(model_dir: Path) -> Path:
     from encoder.metadata import read_metadata
 
-    path = cache_root() / "bench" / "helpers" / read_metadata(model_dir).name
+    meta = read_metadata(model_dir)  # helpers follow the exporter: rebuilt when it changes
+    path = cache_root() / "bench" / "helpers" / meta.name / meta.exporter_version.replace("/", "-")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -517,6 +518,10 @@ QUANT_VARIANTS: dict[str, dict[str, Any]] = {
     # (Q.K^T, P.V) quantized too (DynamicQuantizeLinear on both inputs + MatMulInteger)
     # the exporter's default before version 3: ORT's SkipLayerNormalization kernel
     "skip-layernorm": {"graph": {"skip_layernorm": True}},
+    # the exporter's default before version 4: com.microsoft MultiHeadAttention and BiasGelu
+    "mha+bias-gelu": {"graph": {"attention": "mha", "bias_gelu": True}},
+    "mha": {"graph": {"attention": "mha"}},
+    "bias-gelu": {"graph": {"bias_gelu": True}},
     "plain-attention": {"graph": {"attention": "plain"}},
     "plain-attention+attention-int8": {"graph": {"attention": "plain"}, "const_b_only": False},
     "qattention": {
@@ -585,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
-    from encoder.runtime import DEFAULT_MAX_BATCH_DOCS, DEFAULT_MAX_BATCH_TOKENS
+    from encoder.runtime import DEFAULT_MAX_BATCH_DOCS
 
     models = prepare_models(args)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -593,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("torch/transformers not installed: skipping the PyTorch eager rows", file=sys.stderr)
         kinds.remove("torch")
     docs_per_model = dict(kv.split("=") for kv in args.scifact_docs.split(","))
-    batch_tokens = args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
+    batch_tokens = {name: _batch_tokens(args, folder) for name, folder in models.items()}
     batch_docs = args.max_batch_docs or DEFAULT_MAX_BATCH_DOCS
     jobs = []
     for model_name, model_dir in models.items():
@@ -636,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "kind": kind,
                     "workload": workload,
                     "threads": args.threads,
-                    "max_batch_tokens": 8192 if workload.get("rss") else batch_tokens,
+                    "max_batch_tokens": 8192 if workload.get("rss") else batch_tokens[model_name],
                     "max_batch_docs": 32 if workload.get("rss") else batch_docs,
                     "repeat": args.repeat,
                     "gemm_tokens": 65536 if model_name != DEFAULT_MODEL_NAME else 262144,
@@ -675,10 +680,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _batch_tokens(args: argparse.Namespace, model_dir: Path) -> int:
+    """--max-batch-tokens, else the runtime's default for the model (1024 or 2048)."""
+    from encoder.metadata import read_metadata
+    from encoder.runtime import default_max_batch_tokens
+
+    return int(args.max_batch_tokens or default_max_batch_tokens(read_metadata(model_dir)))
+
+
 def quant_study(
     args: argparse.Namespace,
     models: dict[str, Path],
-    batch_tokens: int,
+    batch_tokens: dict[str, int],
     batch_docs: int,
     docs_per_model: dict[str, str],
 ) -> dict[str, Any]:
@@ -698,7 +711,7 @@ def quant_study(
                         "kind": kind,
                         "workload": {"type": "scifact", "path": str(args.scifact), "docs": limit},
                         "threads": args.threads,
-                        "max_batch_tokens": batch_tokens,
+                        "max_batch_tokens": batch_tokens[model_name],
                         "max_batch_docs": batch_docs,
                         "repeat": args.repeat,
                     }

@@ -42,7 +42,7 @@ from encoder.registry import QueryMode
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = "sparse-ingest-exporter/3"
+EXPORTER_VERSION = "sparse-ingest-exporter/4"
 
 # Node groups that can be left in FP32 (matched against node names from encoder.graph).
 FP32_GROUPS: dict[str, tuple[str, ...]] = {

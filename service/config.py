@@ -120,7 +120,9 @@ class Settings(BaseSettings):
     # --- Encoder ------------------------------------------------------------------------------
     model_dir: Path = Field(default_factory=_default_model_dir)
     encoder_threads: int | None = Field(default=None, ge=1)
-    encoder_max_batch_tokens: int = Field(default=2048, ge=64)  # padded tokens per inference call
+    # padded tokens per inference call; None: the model's default (1024 for BERT-base-wide
+    # models, 2048 for narrow ones: encoder.runtime.default_max_batch_tokens)
+    encoder_max_batch_tokens: int | None = Field(default=None, ge=64)
     encoder_max_batch_docs: int = Field(default=64, ge=1)
     long_text: Literal["chunk", "truncate"] | None = None
 

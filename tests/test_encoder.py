@@ -242,6 +242,19 @@ def test_window_starts() -> None:
         window_starts(100, 10, 10)
 
 
+def test_default_batch_budget_follows_the_model_width(int8: SparseEncoder) -> None:
+    """Narrow models (the vocabulary projection dominates) get 2048 tokens per call, BERT-base-wide
+    ones 1024 (measured faster: docs/encoder.md, Performance); an explicit budget wins."""
+    from dataclasses import replace
+
+    from encoder.runtime import default_max_batch_tokens
+
+    assert int8.metadata.hidden_size == 128 and int8.max_batch_tokens == 2048
+    assert default_max_batch_tokens(replace(int8.metadata, hidden_size=768)) == 1024
+    enc = SparseEncoder.load(int8.model_dir, threads=1, max_batch_tokens=4096)
+    assert enc.max_batch_tokens == 4096
+
+
 def test_plan_batches_respects_budget_and_covers_all() -> None:
     lengths = [5, 300, 17, 512, 64, 64, 2, 511, 128]
     batches = plan_batches(lengths, max_batch_tokens=1024, max_batch_docs=3)

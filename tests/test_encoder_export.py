@@ -24,6 +24,7 @@ from encoder.checkpoint import load_masked_lm, read_safetensors, read_torch_zip
 from encoder.export import export_model
 from encoder.fetch import fetch_default_model, fetch_source
 from encoder.graph import GraphOptions, build_graph
+from encoder.metadata import read_metadata
 from encoder.reference import mlm_logits, splade_vectors
 from encoder.registry import DEFAULT_MODEL_NAME
 
@@ -161,11 +162,12 @@ def random_distilbert(tmp_path_factory: pytest.TempPathFactory, source_dir: Path
     "options",
     [
         GraphOptions(),
+        GraphOptions(attention="mha", bias_gelu=True, skip_layernorm=True),
         GraphOptions(attention="attention", mask_as_lengths=True),
-        GraphOptions(mask_as_lengths=True, vocab_chunks=1),
+        GraphOptions(attention="mha", mask_as_lengths=True, vocab_chunks=1),
         GraphOptions.standard(),
     ],
-    ids=["default", "attention-op", "mha-lengths", "standard-ops"],
+    ids=["default", "contrib-ops", "attention-op", "mha-lengths", "standard-ops"],
 )
 @pytest.mark.parametrize("which", ["default", "bert", "distilbert"])
 def test_graph_matches_numpy_reference(
@@ -277,6 +279,34 @@ def test_residual_layernorm_stays_unfused(tmp_path: Path) -> None:
         assert "SkipLayerNormalization" not in optimized, name
     # what the runtime does, checked the same way: its session options carry the list
     assert "SkipLayerNormFusion" in ORT_DISABLED_OPTIMIZERS
+
+
+def test_int8_session_runs_standard_attention_and_folds_biases(tmp_path: Path) -> None:
+    """The INT8 graph as ONNX Runtime runs it: the standard Attention op, and every Q/K/V and FFN
+    bias folded into its INT8 MatMul, so Gelu runs alone (BiasGelu is 1.3x slower) and no bias
+    Add is left but the residual ones (docs/encoder.md, Quantization)."""
+    import onnx
+
+    from encoder.graph import ORT_DISABLED_OPTIMIZERS
+
+    model_dir = fetch_default_model()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        str(model_dir / "model.onnx"),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+    )
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    ops = [(n.domain or "ai.onnx", n.op_type) for n in nodes]
+    layers = read_metadata(model_dir).num_layers
+    assert ops.count(("ai.onnx", "Attention")) == layers
+    assert ops.count(("ai.onnx", "Gelu")) == layers + 1  # + the masked-LM head transform
+    assert not {"BiasGelu", "MultiHeadAttention"} & {op for _, op in ops}
+    # per layer: the two residual Adds; then the embeddings' position Add and the pooled bias/+1
+    assert ops.count(("ai.onnx", "Add")) == 2 * layers + 3
 
 
 # ----------------------------------------------------------------------- checkpoint formats
