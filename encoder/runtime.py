@@ -145,9 +145,9 @@ class SparseEncoder:
 
         ``threads``: ONNX Runtime intra-op threads (default: the CPUs this process may use,
         affinity and cgroup quota). ``max_batch_tokens``: padded tokens per inference call
-        (default: ``default_max_batch_tokens(metadata)``, 1024 or 2048). ``long_text``: ``"chunk"`` (overlapping windows, max-merged)
-        or ``"truncate"``; None takes the metadata default. ``model_file``: another ONNX file of
-        the folder, e.g. ``"model.fp32.onnx"``.
+        (default: ``default_max_batch_tokens(metadata)``, 1024 or 2048). ``long_text``:
+        ``"chunk"`` (overlapping windows, max-merged) or ``"truncate"``; None takes the metadata
+        default. ``model_file``: another ONNX file of the folder, e.g. ``"model.fp32.onnx"``.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -221,7 +221,9 @@ class SparseEncoder:
             session,
             tok,
             threads=n_threads,
-            max_batch_tokens=max_batch_tokens or default_max_batch_tokens(meta),
+            max_batch_tokens=(
+                default_max_batch_tokens(meta) if max_batch_tokens is None else max_batch_tokens
+            ),
             max_batch_docs=max_batch_docs,
             idf=idf,
         )
