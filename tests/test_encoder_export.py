@@ -255,6 +255,26 @@ def test_fp32_groups_keep_vocab_matmuls_in_fp32(tmp_path: Path, random_bert: Pat
     assert float_matmuls and all("vocab_logits" in n for n in float_matmuls)
 
 
+def _ops_as_ort_runs(model_path: Path, tmp_path: Path) -> list[tuple[str, str]]:
+    """(domain, op type) of each node of the graph ONNX Runtime runs after its optimizers, with
+    the runtime's disabled ones (ORT_DISABLED_OPTIMIZERS)."""
+    import onnx
+
+    from encoder.graph import ORT_DISABLED_OPTIMIZERS
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / f"optimized.{model_path.name}")
+    ort.InferenceSession(
+        str(model_path),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+    )
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    return [(n.domain or "ai.onnx", n.op_type) for n in nodes]
+
+
 def test_residual_layernorm_stays_unfused(tmp_path: Path) -> None:
     """Add + LayerNormalization in the export, and the sessions keep them so: ORT's
     SkipLayerNormalization CPU kernel is ~4x slower (docs/encoder.md, Exporter)."""
@@ -266,16 +286,7 @@ def test_residual_layernorm_stays_unfused(tmp_path: Path) -> None:
     for name in ("model.onnx", "model.fp32.onnx"):
         ops = {n.op_type for n in onnx.load(str(model_dir / name)).graph.node}
         assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, name
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.optimized_model_filepath = str(tmp_path / f"optimized.{name}")
-        ort.InferenceSession(
-            str(model_dir / name),
-            opts,
-            providers=["CPUExecutionProvider"],
-            disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
-        )
-        optimized = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        optimized = {op for _, op in _ops_as_ort_runs(model_dir / name, tmp_path)}
         assert "SkipLayerNormalization" not in optimized, name
     # what the runtime does, checked the same way: its session options carry the list
     assert "SkipLayerNormFusion" in ORT_DISABLED_OPTIMIZERS
@@ -285,22 +296,8 @@ def test_int8_session_runs_standard_attention_and_folds_biases(tmp_path: Path) -
     """The INT8 graph as ONNX Runtime runs it: the standard Attention op, and every Q/K/V and FFN
     bias folded into its INT8 MatMul, so Gelu runs alone (BiasGelu is 1.3x slower) and no bias
     Add is left but the residual ones (docs/encoder.md, Quantization)."""
-    import onnx
-
-    from encoder.graph import ORT_DISABLED_OPTIMIZERS
-
     model_dir = fetch_default_model()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        str(model_dir / "model.onnx"),
-        opts,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
-    )
-    nodes = onnx.load(opts.optimized_model_filepath).graph.node
-    ops = [(n.domain or "ai.onnx", n.op_type) for n in nodes]
+    ops = _ops_as_ort_runs(model_dir / "model.onnx", tmp_path)
     layers = read_metadata(model_dir).num_layers
     assert ops.count(("ai.onnx", "Attention")) == layers
     assert ops.count(("ai.onnx", "Gelu")) == layers + 1  # + the masked-LM head transform
