@@ -208,6 +208,52 @@ async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) ->
     return ", ".join(sorted(versions)) or "unknown"
 
 
+async def ensure_dead_letter_topic(settings: Settings, producer: AIOKafkaProducer) -> None:
+    """The dead-letter topic must exist before the first bad record: a broker without topic
+    auto-creation would otherwise hold that record's partition. Created when missing (as
+    many partitions as the widest source topic, replication up to 3), unless switched off."""
+    s = settings
+    topic = s.dead_letter_topic
+    metadata = await producer.client.fetch_all_metadata()
+    if topic in metadata.topics():
+        return
+    fix = (
+        f"create it, or set SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC to an existing topic"
+        f"{'' if s.kafka_create_dead_letter_topic else ', or SPARSE_INGEST_KAFKA_CREATE_DEAD_LETTER_TOPIC=true'}"
+    )
+    if not s.kafka_create_dead_letter_topic:
+        raise StartupError(f"dead-letter topic {topic!r} does not exist in Kafka: {fix}")
+    partitions = max(
+        (len(metadata.partitions_for_topic(t) or ()) for t in s.kafka_topics), default=1
+    )
+    replication = min(3, len(metadata.brokers())) or 1
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=s.kafka_bootstrap_servers,
+        client_id=f"{s.kafka_client_id}-admin",
+        **kafka_security(s),
+    )
+    try:
+        await admin.start()
+        response = await admin.create_topics([NewTopic(topic, max(partitions, 1), replication)])
+        errors = [e for e in response.topic_errors if e[1] not in (0, 36)]  # 36: exists
+        if errors:
+            raise KafkaError(
+                f"error code {errors[0][1]}: {errors[0][2] if len(errors[0]) > 2 else ''}"
+            )
+    except KafkaError as exc:
+        raise StartupError(
+            f"dead-letter topic {topic!r} does not exist and could not be created ({exc}): {fix}"
+        ) from None
+    finally:
+        await admin.close()
+    log.info(
+        "created the dead-letter topic %s (%d partitions, replication %d)",
+        topic,
+        max(partitions, 1),
+        replication,
+    )
+
+
 class Service:
     def __init__(self, settings: Settings, *, encoder: Any | None = None) -> None:
         self.settings = settings
@@ -285,7 +331,7 @@ class Service:
                 f"(check SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL / SASL / SSL settings): {exc}"
             ) from None
         try:
-            await self._ensure_dead_letter_topic(security)
+            await ensure_dead_letter_topic(s, self.producer)
         except StartupError:
             await self._stop_kafka_clients()
             raise
@@ -322,52 +368,6 @@ class Service:
         )
         self.consumer.subscribe(s.kafka_topics, listener=self.pipeline)
         self._pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")
-
-    async def _ensure_dead_letter_topic(self, security: dict[str, Any]) -> None:
-        """The dead-letter topic must exist before the first bad record: a broker without topic
-        auto-creation would otherwise hold that record's partition. Created when missing (as
-        many partitions as the widest source topic, replication up to 3), unless switched off."""
-        s = self.settings
-        topic = s.dead_letter_topic
-        assert self.producer is not None
-        metadata = await self.producer.client.fetch_all_metadata()
-        if topic in metadata.topics():
-            return
-        fix = (
-            f"create it, or set SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC to an existing topic"
-            f"{'' if s.kafka_create_dead_letter_topic else ', or SPARSE_INGEST_KAFKA_CREATE_DEAD_LETTER_TOPIC=true'}"
-        )
-        if not s.kafka_create_dead_letter_topic:
-            raise StartupError(f"dead-letter topic {topic!r} does not exist in Kafka: {fix}")
-        partitions = max(
-            (len(metadata.partitions_for_topic(t) or ()) for t in s.kafka_topics), default=1
-        )
-        replication = min(3, len(metadata.brokers())) or 1
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=s.kafka_bootstrap_servers,
-            client_id=f"{s.kafka_client_id}-admin",
-            **security,
-        )
-        try:
-            await admin.start()
-            response = await admin.create_topics([NewTopic(topic, max(partitions, 1), replication)])
-            errors = [e for e in response.topic_errors if e[1] not in (0, 36)]  # 36: exists
-            if errors:
-                raise KafkaError(
-                    f"error code {errors[0][1]}: {errors[0][2] if len(errors[0]) > 2 else ''}"
-                )
-        except KafkaError as exc:
-            raise StartupError(
-                f"dead-letter topic {topic!r} does not exist and could not be created ({exc}): {fix}"
-            ) from None
-        finally:
-            await admin.close()
-        log.info(
-            "created the dead-letter topic %s (%d partitions, replication %d)",
-            topic,
-            max(partitions, 1),
-            replication,
-        )
 
     async def _start_http(self) -> None:
         s = self.settings

@@ -194,3 +194,16 @@ def test_service_dying_at_startup_reports_its_log(tmp_path: Path) -> None:
     with pytest.raises(ServiceStartError, match=r"(?s)kafka exited during startup.*heap size"):
         stack.up(kafka=True, elasticsearch=False)
     assert not stack.status().running
+
+
+def test_kafka_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 1 id in 64 drawn as plain URL-safe base64 starts with '-', which the storage tool
+    reads as an option (`-t -kSQ...`): the first draw here is such a one."""
+    from deploy.local import stack as stack_module
+
+    draws = iter([bytes([0xF9]) + bytes(15), bytes(16)])  # 0xF9 -> "-Q...", then "AAAA..."
+    monkeypatch.setattr(stack_module.secrets, "token_bytes", lambda n: next(draws))
+    assert stack_module.new_kafka_cluster_id() == "A" * 22
+    monkeypatch.undo()
+    ids = [stack_module.new_kafka_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)

@@ -53,6 +53,16 @@ KAFKA_PARTITIONS = 4
 SERVICES = ("kafka", "elasticsearch", "prometheus")
 
 
+def new_kafka_cluster_id() -> str:
+    """A random KRaft cluster id (16 bytes, URL-safe base64), never starting with ``-``: the
+    storage tool would read ``-t -kSQ...`` as an option. Kafka's own ``Uuid.randomUuid()``
+    draws again in that case too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -488,7 +498,7 @@ class LocalStack:
         libs = fetching.kafka_libs_dir(self.cache)
         base = [str(java.java), f"-Dlog4j2.configurationFile={log4j}"]
         base += [f"-Dkafka.logs.dir={kdir / 'logs'}", "-cp", f"{libs}/*"]
-        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        cluster_id = new_kafka_cluster_id()
         fmt = [*base, "-Xmx256m", "kafka.tools.StorageTool", "format", "--standalone"]
         fmt += ["-t", cluster_id, "-c", str(props)]
         for credential in scram:
