@@ -2,7 +2,9 @@
 
 Headers added (all UTF-8): ``error.reason`` (a short code), ``error.message``, ``error.stage``
 (decode or index), ``source.topic``, ``source.partition``, ``source.offset``,
-``source.timestamp``. The record's own headers are kept in front of them.
+``source.timestamp``; ``source.offset.last`` when one letter stands for several offsets (a record
+batch the Kafka client could not read: stage ``consume``, no key or value). The record's own
+headers are kept in front of them.
 
 A value longer than ``max_value_bytes`` (the service passes ``SPARSE_INGEST_MAX_MESSAGE_BYTES``,
 at least ~1 MB: only ``too_large`` records are that long) is cut to that length, with the headers
@@ -40,7 +42,8 @@ class DeadLetter:
     headers: Sequence[tuple[str, bytes]]
     reason: str
     message: str
-    stage: str = "decode"
+    stage: str = "decode"  # consume (the Kafka client could not read it), decode, index
+    last_offset: int | None = None  # a letter standing for offsets source.offset..last_offset
 
     def kafka_headers(self, truncated_from: int | None = None) -> list[tuple[str, bytes]]:
         extra = {
@@ -52,6 +55,8 @@ class DeadLetter:
             "source.offset": str(self.ref.offset),
             "source.timestamp": "" if self.ref.timestamp_ms is None else str(self.ref.timestamp_ms),
         }
+        if self.last_offset is not None and self.last_offset != self.ref.offset:
+            extra["source.offset.last"] = str(self.last_offset)
         if truncated_from is not None:
             extra["error.value.truncated"] = "true"
             extra["error.value.bytes"] = str(truncated_from)

@@ -14,9 +14,10 @@ This module is pure: no I/O, so every rule is unit-tested without a broker.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import xxhash
@@ -24,6 +25,11 @@ import xxhash
 # Elasticsearch's limits: _id is at most 512 bytes; external versions are non-negative longs.
 MAX_ID_BYTES = 512
 MAX_VERSION = 2**63 - 1
+# JSON nesting: orjson reads up to 1024 levels but writes at most 255 (the bulk request would
+# fail for the whole batch); Elasticsearch maps at most 20 levels of objects by default.
+MAX_DEPTH = 64
+_ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
+_BOM = b"\xef\xbb\xbf"
 META_FIELD = "sparse_ingest"
 
 
@@ -86,16 +92,26 @@ class MessageContract:
 
 
 def _parse_version(raw: object, where: str) -> int:
+    """An integer from 0 to 2^63-1, or a string of ASCII digits of one. Nothing else: not a
+    float, not a bool, not digits of other scripts ("²" and "٣" are digits to ``str.isdigit``)."""
+    if isinstance(raw, str) and _ASCII_DIGITS.fullmatch(raw.strip()):
+        raw = int(raw.strip())
     if isinstance(raw, bool) or not isinstance(raw, int):
-        if isinstance(raw, str | bytes) and raw.strip().isdigit():
-            raw = int(raw)
-        else:
-            raise BadRecord(
-                "invalid_version", f"{where} must be a non-negative integer, got {raw!r}"
-            )
+        raise BadRecord(
+            "invalid_version",
+            f"{where} must be a non-negative integer or a string of ASCII digits, "
+            f"got a {_kind(raw)}",
+        )
     if not 0 <= raw <= MAX_VERSION:
-        raise BadRecord("invalid_version", f"{where} must be in 0..2^63-1, got {raw}")
+        raise BadRecord("invalid_version", f"{where} must be in 0..2^63-1")
     return raw
+
+
+def _kind(raw: object) -> str:
+    """What a bad value is, without the value (it may be personal data)."""
+    if isinstance(raw, str):
+        return f"string of {len(raw)} character(s) that is not ASCII digits"
+    return type(raw).__name__
 
 
 def _header_version(headers: Sequence[tuple[str, bytes]], name: str) -> int | None:
@@ -104,8 +120,25 @@ def _header_version(headers: Sequence[tuple[str, bytes]], name: str) -> int | No
             try:
                 return _parse_version(value.decode("ascii"), f"header {name!r}")
             except UnicodeDecodeError:
-                raise BadRecord("invalid_version", f"header {name!r} is not ASCII digits") from None
+                raise BadRecord(
+                    "invalid_version", f"header {name!r} is not a string of ASCII digits"
+                ) from None
     return None
+
+
+def _deeper_than(doc: object, limit: int) -> bool:
+    """Does ``doc`` nest dicts and lists more than ``limit`` levels deep? (No recursion.)"""
+    level: list[object] = [doc]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else cast(list[object], node))
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _check_id(raw: object, where: str) -> str:
@@ -146,6 +179,8 @@ def decode_record(
             "too_large",
             f"value is {len(value)} bytes, over SPARSE_INGEST_MAX_MESSAGE_BYTES={contract.max_message_bytes}",
         )
+    if value.startswith(_BOM):  # RFC 8259 lets a parser ignore one; some producers send it
+        value = value[len(_BOM) :]
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -158,6 +193,10 @@ def decode_record(
         raise BadRecord("invalid_json", f"value is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRecord("not_an_object", f"value must be a JSON object, got {type(doc).__name__}")
+    if _deeper_than(doc, MAX_DEPTH):
+        raise BadRecord(
+            "too_deep", f"value nests objects and arrays more than {MAX_DEPTH} levels deep"
+        )
 
     clash = contract.reserved_fields().intersection(doc)
     if clash:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from service.messages import (
     newest_per_id,
 )
 from service.metrics import Metrics
+from service.record_guard import unreadable
 from service.sink import ElasticsearchSink, SinkUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ class Encoder(Protocol):
     async def aencode_documents(
         self, texts: Sequence[str], stats: Any = None
     ) -> list[dict[str, float]]: ...
+
+
+def _internal(exc: BaseException) -> str:
+    """The dead-letter message of an unexpected exception (the traceback goes to the log)."""
+    return f"unexpected {type(exc).__name__} (a bug in sparse-ingest; the traceback is in its log)"
 
 
 def estimate_tokens(text: str) -> int:
@@ -63,6 +69,7 @@ class Batch:
     # filled in by the stages
     to_write: list[Action] = field(default_factory=list)
     to_encode: list[Upsert] = field(default_factory=list)
+    isolated: bool = False  # a step raised: its actions were processed one by one instead
 
 
 class BatchProcessor:
@@ -103,15 +110,37 @@ class BatchProcessor:
         value: bytes | None,
         headers: list[tuple[str, bytes]],
     ) -> None:
-        ref = RecordRef(topic, partition, offset, timestamp_ms)
         batch.records += 1
         batch.next_offsets[TopicPartition(topic, partition)] = offset + 1
         self.metrics.documents_consumed.labels(topic).inc()
+        marker = unreadable(headers)
+        if marker is not None:  # the Kafka client could not read these offsets (record_guard)
+            ref = RecordRef(topic, partition, marker.first_offset, timestamp_ms)
+            batch.dead.append(
+                DeadLetter(
+                    ref,
+                    key,
+                    value,
+                    headers[1:],
+                    marker.reason,
+                    marker.message,
+                    stage="consume",
+                    last_offset=marker.last_offset,
+                )
+            )
+            return
+        ref = RecordRef(topic, partition, offset, timestamp_ms)
         try:
             action = decode_record(self.contract, ref, key, value, headers)
         except BadRecord as bad:
             log.warning("dead-lettering %s: %s", ref, bad)
             batch.dead.append(DeadLetter(ref, key, value, headers, bad.reason, bad.detail))
+            return
+        except Exception as exc:  # a bug of ours: this record must not stop the stream
+            log.exception("dead-lettering %s: decoding raised %s", ref, type(exc).__name__)
+            batch.dead.append(
+                DeadLetter(ref, key, value, headers, "internal_error", _internal(exc))
+            )
             return
         batch.actions.append(action)
         batch.raw[ref] = (key, value, headers)
@@ -126,6 +155,59 @@ class BatchProcessor:
         await self.finish(batch)
 
     async def prepare(self, batch: Batch) -> None:
+        await self._guarded("prepare", self._prepare, batch)
+
+    async def encode(self, batch: Batch) -> None:
+        await self._guarded("encode", self._encode, batch)
+
+    async def write(self, batch: Batch) -> None:
+        await self._guarded("write", self._write, batch)
+
+    async def _guarded(
+        self, stage: str, step: Callable[[Batch], Awaitable[None]], batch: Batch
+    ) -> None:
+        """Run one step of a batch. If it raises (a bug of ours, or a record that trips one),
+        no record may stop the stream: every action of the batch goes through all the steps
+        again on its own, and those that still raise become ``internal_error`` dead letters."""
+        if batch.isolated:
+            return
+        try:
+            await step(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception(
+                "%s of a batch of %d record(s) raised %s; processing its records one by one",
+                stage,
+                batch.records,
+                type(exc).__name__,
+            )
+            await self._isolate(batch)
+
+    async def _isolate(self, batch: Batch) -> None:
+        batch.isolated = True
+        batch.to_encode, batch.to_write = [], []
+        for action in batch.actions:
+            one = Batch(seq=batch.seq, opened_at=batch.opened_at, actions=[action])
+            one.raw[action.ref] = batch.raw.get(action.ref, (None, None, []))
+            try:
+                for step in (self._prepare, self._encode, self._write):
+                    await step(one)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception(
+                    "dead-lettering %s: processing it raised %s", action.ref, type(exc).__name__
+                )
+                key, value, headers = one.raw[action.ref]
+                one.dead.append(
+                    DeadLetter(
+                        action.ref, key, value, headers, "internal_error", _internal(exc), "index"
+                    )
+                )
+            batch.dead.extend(one.dead)
+
+    async def _prepare(self, batch: Batch) -> None:
         start = time.perf_counter()
         newest = newest_per_id(batch.actions)
         superseded = len(batch.actions) - len(newest)
@@ -150,7 +232,7 @@ class BatchProcessor:
                 batch.to_encode.append(up)
         self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - start)
 
-    async def encode(self, batch: Batch) -> None:
+    async def _encode(self, batch: Batch) -> None:
         if not batch.to_encode:
             return
         texts = [u.text for u in batch.to_encode]
@@ -189,7 +271,7 @@ class BatchProcessor:
         )
         batch.to_write = [a for a in batch.to_write if a is not action]
 
-    async def write(self, batch: Batch) -> None:
+    async def _write(self, batch: Batch) -> None:
         pending = list(batch.to_write)
         backoff = self.unavailable_backoff_s
         start = time.perf_counter()

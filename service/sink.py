@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from elasticsearch import AsyncElasticsearch
+from elastic_transport import SerializationError, TransportError
+from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk
 
 from service.messages import META_FIELD, Action, Delete, Upsert
@@ -38,6 +39,10 @@ CLUSTER_ERROR_TYPES = frozenset(
         "index_not_found_exception",
     }
 )
+
+
+# After a 413 the bulk requests shrink, but never below this.
+_MIN_CHUNK_BYTES = 16 * 1024
 
 
 class SinkUnavailable(Exception):
@@ -234,15 +239,68 @@ class ElasticsearchSink:
     async def write(self, actions: Sequence[Action]) -> WriteOutcome:
         """Write one batch (at most one action per id). Classifies every item's result.
 
+        A bulk request refused as a whole (413 from a proxy's body limit or a cluster's
+        ``http.max_content_length``, a 400 for the request) says nothing about its documents:
+        its actions are written again in smaller chunks, down to one action a request; only an
+        action refused on its own is the document's fault (``request_too_large`` /
+        ``request_rejected``). After a 413 the chunks stay smaller (and a warning says so).
+
         Raises :class:`SinkUnavailable` when the request itself could not be made.
         """
         outcome = WriteOutcome()
+        options = dict(self._bulk_options)
+        pending: Sequence[Action] = actions
+        while pending:
+            refused = await self._write_chunks(pending, options, outcome)
+            if not refused:
+                break
+            if options["chunk_size"] == 1 or len(refused) == 1:
+                for action, status, detail in refused:
+                    reason = "request_too_large" if status == 413 else "request_rejected"
+                    outcome.rejected.append(
+                        (
+                            action,
+                            reason,
+                            f"Elasticsearch refused a bulk request ({status}) holding only this "
+                            f"document: {detail}",
+                        )
+                    )
+                break
+            if any(status == 413 for _, status, _ in refused):
+                self._shrink_chunk_bytes()
+            options["chunk_size"] = max(1, min(options["chunk_size"], len(refused)) // 2)
+            options["max_chunk_bytes"] = max(
+                1, min(options["max_chunk_bytes"], self._bulk_options["max_chunk_bytes"]) // 2
+            )
+            pending = [action for action, _, _ in refused]
+        return outcome
+
+    def _shrink_chunk_bytes(self) -> None:
+        before = self._bulk_options["max_chunk_bytes"]
+        after = max(_MIN_CHUNK_BYTES, before // 2)
+        if after < before:
+            self._bulk_options["max_chunk_bytes"] = after
+            log.warning(
+                "Elasticsearch (or a proxy before it) refused a bulk request as too large (413): "
+                "bulk requests are now at most %d bytes (were %d); set "
+                "SPARSE_INGEST_ES_BULK_MAX_BYTES below the cluster's http.max_content_length "
+                "and any proxy's body limit",
+                after,
+                before,
+            )
+
+    async def _write_chunks(
+        self, actions: Sequence[Action], options: dict[str, Any], outcome: WriteOutcome
+    ) -> list[tuple[Action, int, str]]:
+        """One pass of the bulk helper over ``actions``: item results go into ``outcome``;
+        returns the actions of requests refused as a whole with 400 or 413."""
+        refused: list[tuple[Action, int, str]] = []
         if not actions:
-            return outcome
+            return refused
         by_id = {a.doc_id: a for a in actions}
         now = dt.datetime.now(dt.UTC).isoformat()
         bulk: Iterable[dict[str, Any]] = (self._bulk_action(a, now) for a in actions)
-        seen = 0
+        seen: set[str] = set()
         try:
             async for ok, item in async_streaming_bulk(
                 self.client,
@@ -250,17 +308,22 @@ class ElasticsearchSink:
                 raise_on_error=False,
                 raise_on_exception=False,
                 yield_ok=True,
-                **self._bulk_options,  # type: ignore[arg-type]
+                **options,
             ):
-                seen += 1
                 op, info = next(iter(item.items()))
                 action = by_id[info["_id"]]
+                seen.add(action.doc_id)
                 status = info.get("status")
                 if ok:
                     if isinstance(action, Delete):
                         outcome.deleted.append(action)
                     else:
                         outcome.indexed.append(action)
+                elif "exception" in info:  # the whole request failed, not this item
+                    if status in DOCUMENT_FAULT_STATUSES:
+                        refused.append((action, int(status), _request_error(info)))
+                    else:
+                        outcome.retry.append((action, f"request_{status}"))
                 elif status == 404 and isinstance(action, Delete):
                     outcome.not_found.append(action)
                 elif status == 409:
@@ -273,20 +336,21 @@ class ElasticsearchSink:
                         )
                     else:
                         outcome.retry.append((action, reason))
-        except Exception as exc:  # connection refused, timeout: nothing known about the items
+        except SerializationError:
+            raise  # a document that cannot be serialized: the caller isolates it
+        except (TransportError, ApiError) as exc:  # connection refused, timeout, 5xx
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        if seen != len(actions):  # defensive: never let an item go unaccounted
-            missing = set(by_id) - {a.doc_id for a in _all(outcome)}
-            outcome.retry.extend((by_id[i], "no_result") for i in missing)
-        return outcome
+        if len(seen) != len(by_id):  # defensive: never let an item go unaccounted
+            outcome.retry.extend((by_id[i], "no_result") for i in set(by_id) - seen)
+        return refused
 
 
-def _all(outcome: WriteOutcome) -> Iterable[Action]:
-    yield from outcome.indexed
-    yield from outcome.deleted
-    yield from outcome.not_found
-    yield from outcome.stale
-    for action, _, _ in outcome.rejected:
-        yield action
-    for action, _ in outcome.retry:
-        yield action
+def _request_error(info: dict[str, Any]) -> str:
+    exc = info.get("exception")
+    if isinstance(exc, ApiError):
+        reason, detail = _error_reason(
+            {"error": exc.body.get("error")} if isinstance(exc.body, dict) else {}
+        )
+        if reason != "unknown" or detail not in ("", "None"):
+            return f"{reason}: {detail}"
+    return str(info.get("error", ""))[:500]

@@ -1,0 +1,137 @@
+"""service.record_guard on real record-batch bytes (built by aiokafka's own batch builder, then
+damaged the way foreign producers or broken disks do), read by aiokafka's real fetcher classes.
+
+The end-to-end checks with kcat and Kafka's Java producer are in tests/test_foreign_producers.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.consumer import fetcher
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c
+
+from service import record_guard
+from service.record_guard import MARKER_HEADER, unreadable
+
+TP = TopicPartition("t", 0)
+GZIP, SNAPPY, LZ4, ZSTD = 1, 2, 3, 4
+PLACEHOLDER = "HEADERKEY"  # replaced by bytes that are not UTF-8 (same length)
+
+
+def batch(
+    base: int,
+    n: int,
+    compression: int = 0,
+    bad_header_at: set[int] = frozenset(),  # type: ignore[assignment]
+) -> bytes:
+    """A v2 record batch of ``n`` records at offsets base..base+n-1."""
+    builder = DefaultRecordBatchBuilder(2, compression, 0, -1, -1, -1, 10_000_000)
+    for i in range(n):
+        key = PLACEHOLDER if i in bad_header_at else "h"
+        builder.append(i, 1_700_000_000_000 + i, f"k{i}".encode(), f"v{i}".encode(), [(key, b"x")])
+    raw = bytearray(builder.build())
+    struct.pack_into(">q", raw, 0, base)
+    if bad_header_at:
+        assert compression == 0, "damage uncompressed batches only"
+        raw = bytearray(raw.replace(PLACEHOLDER.encode(), b"\xff\xfe" + b"A" * 7))
+        fix_crc(raw)
+    return bytes(raw)
+
+
+def fix_crc(raw: bytearray) -> None:
+    struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))
+
+
+def read(data: bytes, fetch_offset: int = 0) -> list[Any]:
+    """What the consumer's fetcher hands over for one fetched partition."""
+    record_guard.install()
+    records = fetcher.MemoryRecords(data)
+    partition = fetcher.PartitionRecords(TP, records, [], fetch_offset, None, None, True, 0)
+    return list(partition)
+
+
+def describe(records: list[Any]) -> list[tuple[int, str]]:
+    out = []
+    for r in records:
+        marker = unreadable(list(r.headers))
+        out.append((r.offset, marker.reason if marker else r.value.decode()))
+    return out
+
+
+@pytest.mark.parametrize("compression", [0, GZIP, SNAPPY, LZ4, ZSTD])
+def test_every_codec_reads(compression: int) -> None:
+    got = read(batch(0, 20, compression))
+    assert describe(got) == [(i, f"v{i}") for i in range(20)]
+    assert got[3].key == b"k3" and list(got[3].headers) == [("h", b"x")]
+
+
+def test_a_header_key_that_is_not_utf8_costs_exactly_its_record() -> None:
+    data = batch(0, 5) + batch(5, 6, bad_header_at={2, 4}) + batch(11, 3)
+    got = read(data)
+    assert describe(got) == [
+        *[(i, f"v{i}") for i in range(5)],
+        (5, "v0"),
+        (6, "v1"),
+        (7, "invalid_header"),
+        (8, "v3"),
+        (9, "invalid_header"),
+        (10, "v5"),
+        *[(11 + i, f"v{i}") for i in range(3)],
+    ]
+    bad = got[7]
+    marker = unreadable(list(bad.headers))
+    assert marker is not None and (marker.first_offset, marker.last_offset) == (7, 7)
+    # the record's bytes are kept for the dead-letter topic; the key shown escaped
+    assert bad.key == b"k2" and bad.value == b"v2"
+    assert list(bad.headers)[1] == ("\\xff\\xfeAAAAAAA", b"x")
+    assert "\\xff" not in marker.message  # no record bytes in the message
+
+
+def test_salvage_starts_after_the_position() -> None:
+    """Fetched from the middle of a batch (a restart committed there): nothing before it."""
+    got = read(batch(0, 6, bad_header_at={4}), fetch_offset=3)
+    assert describe(got) == [(3, "v3"), (4, "invalid_header"), (5, "v5")]
+
+
+def test_an_unknown_codec_costs_exactly_its_batch() -> None:
+    bad = bytearray(batch(4, 4, GZIP))
+    attributes = struct.unpack_from(">h", bad, 21)[0]
+    struct.pack_into(">h", bad, 21, (attributes & ~0x07) | 6)  # codec 6: not a Kafka codec
+    fix_crc(bad)
+    got = read(batch(0, 4) + bytes(bad) + batch(8, 2))
+    assert describe(got) == [
+        *[(i, f"v{i}") for i in range(4)],
+        (7, "unreadable_batch"),  # one marker standing for offsets 4..7
+        (8, "v0"),
+        (9, "v1"),
+    ]
+    marker = unreadable(list(got[4].headers))
+    assert marker is not None and (marker.first_offset, marker.last_offset) == (4, 7)
+    assert got[4].key is None and got[4].value is None
+
+
+def test_a_crc_mismatch_costs_exactly_its_batch() -> None:
+    bad = bytearray(batch(2, 3))
+    bad[-1] ^= 0xFF  # the value's last byte; the CRC no longer matches
+    got = read(batch(0, 2) + bytes(bad) + batch(5, 1))
+    assert describe(got) == [(0, "v0"), (1, "v1"), (4, "unreadable_batch"), (5, "v0")]
+
+
+def test_a_corrupt_compressed_payload_costs_exactly_its_batch() -> None:
+    bad = bytearray(batch(0, 30, ZSTD))
+    bad[70:90] = b"\x00" * 20
+    fix_crc(bad)
+    got = read(bytes(bad) + batch(30, 1))
+    assert describe(got) == [(29, "unreadable_batch"), (30, "v0")]
+
+
+def test_marker_header_cannot_come_from_the_wire() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        MARKER_HEADER.encode("utf-8")
+    assert unreadable([("h", b"x")]) is None
+    assert unreadable([]) is None
