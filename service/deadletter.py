@@ -79,6 +79,8 @@ class DeadLetterWriter:
         cut = None
         if value is not None and len(value) > limit:
             value, cut = value[:limit], len(value)
+        if value is None and letter.key is None:  # Kafka clients refuse a record with neither
+            value = b""
         future: asyncio.Future[object] = await self.producer.send(
             self.topic, value=value, key=letter.key, headers=letter.kafka_headers(cut)
         )
