@@ -1,11 +1,35 @@
 """Faust runner: a faust-streaming agent on the same topic, with the same encoder, sink and
 dead letters as ``sparse-ingest run``.
 
-For teams that already run Faust workers. Each batch comes from ``stream.take_events``; Faust
-acknowledges the events (and commits their offsets) only after the loop body has written the
-batch to Elasticsearch and its dead letters to Kafka, so delivery stays at-least-once and the
-external versions keep the writes idempotent. Unlike ``sparse-ingest run``, the steps of one
-batch do not overlap with the next batch's (no pipelining), so it is slower per core.
+For teams that already run Faust workers. Each batch comes from ``stream.noack_take``, which
+acknowledges nothing itself: the agent acknowledges a batch's events (and so lets Faust commit
+their offsets) only after the batch is in Elasticsearch and its dead letters in Kafka. A batch
+that does not get there is never acknowledged:
+
+- while Elasticsearch refuses or is unreachable, the batch is retried (as in ``run``) and
+  nothing after it is taken;
+- on SIGTERM or SIGINT, and on a rebalance, Faust does not wait for the batch in progress
+  (``stream_wait_empty=False``: that wait has no time bound and would last as long as an
+  outage); what the batch did not get acknowledged is consumed again (after the restart, or by
+  the partition's next owner), and what it wrote is written again, harmlessly (external
+  versions);
+- an error that the batch processing does not handle itself (it already retries Elasticsearch
+  and the dead-letter topic while they refuse, so this is a fault to look at, not a state to
+  wait out) stops the worker with exit status 1 and names the batch's records
+  (topic[partition] offsets); they are consumed again when the worker is restarted. Stopping
+  is the only safe choice: Faust's commit steps over a gap of one unacknowledged record right
+  after the committed offset (and over any gap before the group's first commit), so a worker
+  that went on would commit past the failed batch; retrying the same error in place would
+  hold the partitions without anyone noticing.
+
+Delivery is at-least-once and the writes idempotent. Unlike ``sparse-ingest run``, the steps of
+one batch do not overlap with the next batch's (no pipelining), so it is slower per core.
+
+Before the worker starts, the same checks as ``run``: the model loads, Elasticsearch answers
+and has the index (created when missing), Kafka accepts the security settings, and the
+dead-letter topic exists (created when missing); a failure prints what to fix, exit status 1.
+Every Kafka client (Faust's consumer and producer, the dead-letter producer) uses the
+``SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL`` / ``_SASL_*`` / ``_SSL_CAFILE`` settings.
 
 Run it with ``sparse-ingest faust`` (same ``SPARSE_INGEST_*`` settings; the consumer group is
 ``SPARSE_INGEST_KAFKA_GROUP_ID``; metrics on ``SPARSE_INGEST_HTTP_PORT``).
@@ -14,21 +38,109 @@ Run it with ``sparse-ingest faust`` (same ``SPARSE_INGEST_*`` settings; the cons
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from service.config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Any) -> Any:
+def broker_credentials(settings: Settings) -> Any:
+    """Faust's ``broker_credentials`` for the Kafka security settings (None for PLAINTEXT):
+    the same SSL context, SASL mechanism and user as ``run``'s clients
+    (:func:`service.app.kafka_security`)."""
+    import faust
+
+    from service.app import kafka_security
+
+    security = kafka_security(settings)
+    protocol = security["security_protocol"]
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(security["ssl_context"])
+    # SASL_PLAINTEXT, or SASL_SSL when there is an SSL context
+    return faust.SASLCredentials(
+        username=security["sasl_plain_username"],
+        password=security["sasl_plain_password"],
+        mechanism=security["sasl_mechanism"],
+        ssl_context=security.get("ssl_context"),
+    )
+
+
+def describe_records(events: Sequence[Any]) -> str:
+    """``topic[partition] first-last`` for each partition of a batch (no record content)."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for event in events:
+        m = event.message
+        first, last = spans.get((m.topic, m.partition), (m.offset, m.offset))
+        spans[(m.topic, m.partition)] = (min(first, m.offset), max(last, m.offset))
+    return ", ".join(
+        f"{topic}[{partition}] {first}-{last}"
+        for (topic, partition), (first, last) in sorted(spans.items())
+    )
+
+
+async def preflight(settings: Settings) -> None:
+    """The start-up checks of ``run``; raises :class:`service.app.StartupError`."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    from service.app import (
+        StartupError,
+        _LogCapture,
+        build_sink,
+        check_elasticsearch,
+        elasticsearch_client,
+        ensure_dead_letter_topic,
+        kafka_connection_error,
+        kafka_security,
+    )
+
+    s = settings
+    es = elasticsearch_client(s)
+    try:
+        await check_elasticsearch(es, s)
+        try:
+            await build_sink(s, es, "").ensure_index(create=s.es_create_index)
+        except ValueError as exc:  # a missing index that may not be created, a wrong mapping
+            raise StartupError(str(exc)) from None
+    finally:
+        await es.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap_servers,
+        client_id=f"{s.kafka_client_id}-faust-check",
+        **kafka_security(s),
+    )
+    failures = _LogCapture("aiokafka", "Unable connect to")
+    try:
+        with failures:
+            await producer.start()
+        await ensure_dead_letter_topic(s, producer)
+    except KafkaConnectionError as exc:
+        raise StartupError(kafka_connection_error(s, exc, failures.last)) from None
+    except KafkaError as exc:
+        raise StartupError(
+            f"Kafka at {s.kafka_bootstrap_servers} refused the connection "
+            f"(check SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL / SASL / SSL settings): {exc}"
+        ) from None
+    finally:
+        await producer.stop()
+
+
+def create_app(settings: Settings, encoder: Any = None) -> Any:
+    """The Faust app with its ``ingest`` agent; ``encoder``: loaded when None."""
     import faust
     from aiokafka import AIOKafkaProducer
 
     from service.app import (
         build_sink,
-        check_elasticsearch,
         dead_letter_max_value,
         dead_letter_request_size,
         elasticsearch_client,
@@ -44,12 +156,17 @@ def create_app(settings: Any) -> Any:
     app = faust.App(
         settings.kafka_group_id,
         broker=brokers,
+        broker_credentials=broker_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
         topic_disable_leader=True,
         consumer_auto_offset_reset=settings.kafka_auto_offset_reset,
         broker_commit_interval=max(0.1, settings.commit_interval_ms / 1000),
+        # Do not wait for the batch in progress on stop or rebalance: the wait has no bound
+        # and would last as long as an Elasticsearch outage. The batch is not acknowledged,
+        # so it is consumed again; its writes are idempotent.
+        stream_wait_empty=False,
         store="memory://",
     )
     source = app.topic(
@@ -62,59 +179,96 @@ def create_app(settings: Any) -> Any:
     )
     metrics = Metrics()
     app.sparse_metrics = metrics  # type: ignore[attr-defined]  # for tests and debugging
+    failures: list[str] = []  # why the worker stops (read by `sparse-ingest faust`)
+    app.sparse_failures = failures  # type: ignore[attr-defined]
 
-    @app.agent(source)
-    async def ingest(stream: Any) -> None:
-        encoder = load_encoder(settings)
+    def stop_worker(why: str) -> None:
+        """Stop the worker as SIGTERM does (Faust commits what was acknowledged and leaves
+        the group); ``sparse-ingest faust`` then exits with status 1. (``app.crash()``
+        would stop Faust's consumer thread before its final commit, and the worker hangs.)"""
+        failures.append(why)
+        signal.raise_signal(signal.SIGTERM)
+
+    async def consume(stream: Any) -> None:
+        loaded = encoder if encoder is not None else await asyncio.to_thread(load_encoder, settings)
         es = elasticsearch_client(settings)
-        await check_elasticsearch(es, settings)
-        sink = build_sink(settings, es, encoder.metadata.name)
-        await sink.ensure_index(create=settings.es_create_index)
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id=f"{settings.kafka_client_id}-dlq",
             acks="all",
             enable_idempotence=True,
             max_request_size=dead_letter_request_size(settings),
             **kafka_security(settings),
         )
-        await producer.start()
-        processor = BatchProcessor(
-            encoder,
-            sink,
-            DeadLetterWriter(producer, settings.dead_letter_topic, dead_letter_max_value(settings)),
-            message_contract(settings),
-            metrics,
-            model_name=encoder.metadata.name,
-            skip_unchanged=settings.skip_unchanged,
-            unavailable_backoff_s=settings.es_unavailable_backoff_s,
-        )
-        log.info("faust agent ready: %s -> index %r", settings.kafka_topics, settings.es_index)
-        seq = 0
         try:
-            async for events in stream.take_events(
+            await producer.start()
+            processor = BatchProcessor(
+                loaded,
+                build_sink(settings, es, loaded.metadata.name),
+                DeadLetterWriter(
+                    producer, settings.dead_letter_topic, dead_letter_max_value(settings)
+                ),
+                message_contract(settings),
+                metrics,
+                model_name=loaded.metadata.name,
+                skip_unchanged=settings.skip_unchanged,
+                unavailable_backoff_s=settings.es_unavailable_backoff_s,
+            )
+            log.info("faust agent ready: %s -> index %r", settings.kafka_topics, settings.es_index)
+            seq = 0
+            async for events in stream.noack_take(
                 settings.batch_max_docs, within=max(0.01, settings.batch_linger_ms / 1000)
             ):
                 seq += 1
-                batch = Batch(seq=seq, opened_at=time.monotonic())
-                for event in events:
-                    m = event.message
-                    headers = m.headers.items() if isinstance(m.headers, dict) else m.headers
-                    processor.add_record(
-                        batch,
-                        m.topic,
-                        m.partition,
-                        m.offset,
-                        None if m.timestamp is None else int(m.timestamp * 1000),
-                        m.key,
-                        m.value,
-                        [(k, v) for k, v in (headers or ())],
+                try:
+                    await processor.process(_batch(processor, Batch(seq, time.monotonic()), events))
+                except Exception:
+                    where = describe_records(events)
+                    log.exception(
+                        "batch of %d record(s) failed (%s); none is acknowledged: stopping the "
+                        "worker so that they are consumed again after a restart",
+                        len(events),
+                        where,
                     )
-                await processor.process(batch)
+                    stop_worker(f"batch failed: {where}")
+                    return
+                for event in events:  # written: now Faust may commit them
+                    await stream.ack(event)
         finally:
             await producer.stop()
             await es.close()
 
+    @app.agent(source)
+    async def ingest(stream: Any) -> None:
+        # Faust restarts an agent that returns or raises; after a failure it must take nothing
+        # more (a later acknowledgement could commit past the failed batch), so it waits here
+        # until the worker's stop cancels it.
+        if not failures:
+            try:
+                await consume(stream)
+            except Exception as exc:
+                log.exception("the Faust agent failed: stopping the worker")
+                stop_worker(f"agent failed: {type(exc).__name__}: {exc}")
+        await asyncio.Event().wait()  # the stream ends only when the worker stops
+
     return app
+
+
+def _batch(processor: Any, batch: Any, events: Sequence[Any]) -> Any:
+    for event in events:
+        m = event.message
+        headers = m.headers.items() if isinstance(m.headers, dict) else m.headers
+        processor.add_record(
+            batch,
+            m.topic,
+            m.partition,
+            m.offset,
+            None if m.timestamp is None else int(m.timestamp * 1000),
+            m.key,
+            m.value,
+            [(k, v) for k, v in (headers or ())],
+        )
+    return batch
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -130,11 +284,27 @@ def add_subcommands(subparsers: Any) -> None:
 def _faust(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
+    from encoder import ModelError
+    from service.app import StartupError, load_encoder
     from service.commands import _settings
 
     settings = _settings()
-    app = create_app(settings)
+    try:
+        encoder = load_encoder(settings)
+        asyncio.run(preflight(settings))
+    except (StartupError, ModelError) as exc:
+        print(f"sparse-ingest: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(settings, encoder)
     start_http_server(settings.http_port, settings.http_host, registry=app.sparse_metrics.registry)
     sys.argv = ["sparse-ingest-faust", "worker", "--loglevel", "info", "--without-web"]
-    app.main()
-    return 0
+    try:
+        app.main()  # ends with SystemExit
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if app.sparse_failures:
+        print(f"sparse-ingest: the Faust worker stopped: {app.sparse_failures[0]}", file=sys.stderr)
+        return 1
+    return 0 if code is None else code if isinstance(code, int) else 1

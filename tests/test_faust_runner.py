@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from elasticsearch import AsyncElasticsearch
+from faust_worker import FaustWorker, faust_env
 from service_support import (
+    committed,
     create_topic,
     doc,
+    end_offsets,
     produce,
     read_topic,
     tombstone,
@@ -21,7 +19,16 @@ from service_support import (
     wait_until,
 )
 
+from service.sink import IndexConfig
+
 pytestmark = pytest.mark.integration
+
+
+async def _count(es: AsyncElasticsearch, index: str) -> int:
+    if not await es.indices.exists(index=index):
+        return -1
+    await es.indices.refresh(index=index)
+    return int((await es.count(index=index))["count"])
 
 
 async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
@@ -39,36 +46,23 @@ async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
     records += [tombstone("f2"), (b"bad", b"{not json", [])]
     await produce(kafka_bootstrap, topic, records)
     group = f"{topic}-faust"
-    env = {
-        **os.environ,
-        "SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "SPARSE_INGEST_KAFKA_TOPICS": topic,
-        "SPARSE_INGEST_KAFKA_GROUP_ID": group,
-        "SPARSE_INGEST_ES_URL": es_url,
-        "SPARSE_INGEST_ES_INDEX": index_name,
-        "SPARSE_INGEST_MODEL_DIR": str(default_model_dir),
-        "SPARSE_INGEST_HTTP_PORT": "0",
-        "SPARSE_INGEST_BATCH_LINGER_MS": "100",
-        "SPARSE_INGEST_COMMIT_INTERVAL_MS": "200",
-    }
-    log_path = tmp_path / "faust.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: ASYNC220 - a long-lived worker, not awaited
-            [sys.executable, "-m", "service.cli", "faust"],
-            env=env,
-            cwd=tmp_path,  # Faust writes its data dir here
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    worker = FaustWorker(
+        faust_env(
+            kafka_bootstrap_servers=kafka_bootstrap,
+            kafka_topics=topic,
+            kafka_group_id=group,
+            es_url=es_url,
+            es_index=index_name,
+            model_dir=default_model_dir,
+        ),
+        tmp_path,
+    )
+    worker.start()
     try:
 
         async def indexed() -> bool:
-            assert worker.poll() is None, log_path.read_text()[-3000:]
-            if not await es.indices.exists(index=index_name):
-                return False
-            await es.indices.refresh(index=index_name)
-            return (await es.count(index=index_name))["count"] == 29
+            worker.assert_running()
+            return await _count(es, index_name) == 29
 
         await wait_until(indexed, 120, "the Faust worker to index the stream")
         await wait_all_committed(kafka_bootstrap, group, topic, timeout=60)
@@ -90,10 +84,72 @@ async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
             size=1,
         )
         assert resp["hits"]["hits"][0]["_id"] == "f1"
+        code = await worker.stop()
+        assert code == 0, f"exit status {code}:\n{worker.log_text()[-3000:]}"
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(worker.wait, 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        await worker.stop()
+
+
+async def test_faust_worker_commits_only_what_was_written_while_elasticsearch_refuses(
+    kafka_bootstrap: str,
+    es_url: str,
+    topic: str,
+    index_name: str,
+    es: AsyncElasticsearch,
+    default_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The index refuses writes (a write block) while a batch is in progress; SIGTERM then.
+    The worker exits promptly (it does not wait out the outage), and the group's offsets
+    stay where the written records end: the refused batch was not acknowledged. Once the
+    block is lifted, a new worker indexes everything and commits to the end."""
+    await create_topic(kafka_bootstrap, topic, partitions=2)
+    body = IndexConfig(index_name).body()
+    await es.indices.create(index=index_name, **body)
+    group = f"{topic}-faust"
+    worker = FaustWorker(
+        faust_env(
+            kafka_bootstrap_servers=kafka_bootstrap,
+            kafka_topics=topic,
+            kafka_group_id=group,
+            es_url=es_url,
+            es_index=index_name,
+            model_dir=default_model_dir,
+            es_unavailable_backoff_s=0.2,
+        ),
+        tmp_path,
+    )
+    first = [doc(f"a{i}", f"written before the block, number {i}") for i in range(10)]
+    second = [doc(f"b{i}", f"refused by the block at first, number {i}") for i in range(12)]
+    await produce(kafka_bootstrap, topic, first)
+    worker.start()
+    try:
+
+        async def first_indexed() -> bool:
+            worker.assert_running()
+            return await _count(es, index_name) == len(first)
+
+        await wait_until(first_indexed, 120, "the first records to be indexed")
+        await wait_all_committed(kafka_bootstrap, group, topic, timeout=60)
+        written = await end_offsets(kafka_bootstrap, topic)
+
+        await es.indices.put_settings(index=index_name, settings={"index.blocks.write": True})
+        await produce(kafka_bootstrap, topic, second)
+        await worker.wait_log("cluster_block_exception")  # the batch is being retried
+        code = await worker.stop(timeout=60)
+        assert code == 0, f"exit status {code}:\n{worker.log_text()[-3000:]}"
+        got = await committed(kafka_bootstrap, group, list(written))
+        assert got == written, f"committed {got}, but only {written} was written"
+        assert await _count(es, index_name) == len(first)
+
+        await es.indices.put_settings(index=index_name, settings={"index.blocks.write": None})
+        worker.start()
+
+        async def all_indexed() -> bool:
+            worker.assert_running()
+            return await _count(es, index_name) == len(first) + len(second)
+
+        await wait_until(all_indexed, 120, "every record to be indexed after the block")
+        await wait_all_committed(kafka_bootstrap, group, topic, timeout=60)
+    finally:
+        await worker.stop()
