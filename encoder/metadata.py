@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,3 +128,19 @@ def read_metadata(model_dir: Path) -> ModelMetadata:
 
 def write_metadata(model_dir: Path, meta: ModelMetadata) -> None:
     (model_dir / METADATA_FILE).write_text(meta.to_json())
+
+
+def document_fingerprint(model_path: Path, tokenizer_path: Path, meta: ModelMetadata) -> str:
+    """A short digest of everything a document vector depends on: the ONNX file as it is on
+    disk (weights, quantization, exporter), the tokenizer, and how long texts are handled.
+    The service stores it with each document and folds it into the content hash, so that a
+    new model, a re-export or another long-text mode re-encodes unchanged texts too."""
+    digest = hashlib.sha256()
+    for path in (model_path, tokenizer_path):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    digest.update(
+        f"|{meta.pooling}|{meta.long_text}|{meta.window_overlap}|{meta.max_length}".encode()
+    )
+    return digest.hexdigest()[:16]

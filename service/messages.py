@@ -25,6 +25,8 @@ import xxhash
 # Elasticsearch's limits: _id is at most 512 bytes; external versions are non-negative longs.
 MAX_ID_BYTES = 512
 MAX_VERSION = 2**63 - 1
+OFFSET_VERSION_BITS = 44  # offsets up to 1.7e13 per partition; epochs up to 2^19 - 1
+MAX_VERSION_EPOCH = MAX_VERSION >> OFFSET_VERSION_BITS
 # JSON nesting: orjson reads up to 1024 levels but writes at most 255 (the bulk request would
 # fail for the whole batch); Elasticsearch maps at most 20 levels of objects by default.
 MAX_DEPTH = 64
@@ -85,6 +87,9 @@ class MessageContract:
     vector_field: str = "tokens"
     max_message_bytes: int = 1_000_000
     max_text_chars: int = 200_000
+    # versions taken from offsets are epoch * 2^44 + offset: a higher epoch wins over every
+    # offset of a lower one (after a topic is recreated or restored, or to replay on purpose)
+    version_epoch: int = 0
     reserved: frozenset[str] = field(default_factory=frozenset)
 
     def reserved_fields(self) -> frozenset[str]:
@@ -112,6 +117,17 @@ def _kind(raw: object) -> str:
     if isinstance(raw, str):
         return f"string of {len(raw)} character(s) that is not ASCII digits"
     return type(raw).__name__
+
+
+def offset_version(epoch: int, offset: int) -> int:
+    """The version of a change that carries none: its offset, in the configured epoch."""
+    if not 0 <= offset < 1 << OFFSET_VERSION_BITS:
+        raise BadRecord(
+            "invalid_version",
+            "the offset is past 2^44 and can no longer serve as a version: send a version field "
+            "or header",
+        )
+    return (epoch << OFFSET_VERSION_BITS) | offset
 
 
 def _header_version(headers: Sequence[tuple[str, bytes]], name: str) -> int | None:
@@ -172,7 +188,9 @@ def decode_record(
         except UnicodeDecodeError:
             raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
         version = _header_version(headers, contract.version_header)
-        return Delete(ref, doc_id, ref.offset if version is None else version)
+        if version is None:
+            version = offset_version(contract.version_epoch, ref.offset)
+        return Delete(ref, doc_id, version)
 
     if len(value) > contract.max_message_bytes:
         raise BadRecord(
@@ -217,8 +235,9 @@ def decode_record(
     if raw_version is not None:
         version = _parse_version(raw_version, f"field {contract.version_field!r}")
     else:
-        header = _header_version(headers, contract.version_header)
-        version = ref.offset if header is None else header
+        version = _header_version(headers, contract.version_header)
+        if version is None:
+            version = offset_version(contract.version_epoch, ref.offset)
 
     parts: list[str] = []
     for name in contract.text_fields:
@@ -244,9 +263,18 @@ def decode_record(
     return Upsert(ref, doc_id, version, text, doc)
 
 
-def content_hash(model_name: str, text: str) -> str:
-    """Identifies what the vector was computed from: the text and the model."""
-    return xxhash.xxh3_128_hexdigest(f"{model_name}\x1f{text}".encode())
+def vector_fingerprint(model_name: str, encoder_fingerprint: str, prune_below: float) -> str:
+    """What the stored vectors depend on besides the text: the model (its name and its files'
+    fingerprint: weights, quantization, tokenizer, long-text mode) and index-time pruning."""
+    return xxhash.xxh3_64_hexdigest(
+        f"{model_name}\x1f{encoder_fingerprint}\x1f{prune_below!r}".encode()
+    )
+
+
+def content_hash(fingerprint: str, text: str) -> str:
+    """Identifies what the vector was computed from: the text and :func:`vector_fingerprint`.
+    (``surrogatepass``: a text never holds lone surrogates, but a hash must not raise.)"""
+    return xxhash.xxh3_128_hexdigest(f"{fingerprint}\x1f{text}".encode("utf-8", "surrogatepass"))
 
 
 def newest_per_id(actions: Sequence[Action]) -> list[Action]:

@@ -28,6 +28,7 @@ from service.messages import (
     content_hash,
     decode_record,
     newest_per_id,
+    vector_fingerprint,
 )
 from service.metrics import Metrics
 from service.record_guard import unreadable
@@ -42,6 +43,39 @@ class Encoder(Protocol):
     async def aencode_documents(
         self, texts: Sequence[str], stats: Any = None
     ) -> list[dict[str, float]]: ...
+
+
+class StaleLog:
+    """A sampled warning for changes Elasticsearch refused as stale: at most one line per topic
+    every ``every_s`` seconds, naming one id and both versions, and how many were dropped since
+    the last line. Many stale drops after a topic was recreated, restored or replayed, or
+    partitions were added, mean offset versions no longer order the changes (README: Versions)."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def report(self, action: Action, detail: str) -> None:
+        topic = action.ref.topic
+        self._since[topic] = self._since.get(topic, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(topic, -self.every_s) < self.every_s:
+            return
+        log.warning(
+            "stale: %d change(s) from %s dropped since the last report, Elasticsearch holds "
+            "newer versions; e.g. %s id %r with version %d (%s). Expected after a redelivery; "
+            "if it persists after a topic was recreated, restored or replayed, or partitions "
+            "were added, see README 'Versions' (SPARSE_INGEST_VERSION_EPOCH)",
+            self._since[topic],
+            topic,
+            action.ref,
+            action.doc_id,
+            action.version,
+            detail[:300],
+        )
+        self._last[topic] = now
+        self._since[topic] = 0
 
 
 def _internal(exc: BaseException) -> str:
@@ -93,10 +127,17 @@ class BatchProcessor:
         self.contract = contract
         self.metrics = metrics
         self.model_name = model_name
+        # unchanged texts are skipped only when their stored vector came from the same model
+        # files, long-text mode and pruning (a re-export under the same name re-encodes)
+        self.fingerprint = vector_fingerprint(
+            model_name, str(getattr(encoder, "fingerprint", "")), sink.config.prune_below
+        )
+        sink.fingerprint = self.fingerprint
         self.skip_unchanged = skip_unchanged
         self.unavailable_backoff_s = unavailable_backoff_s
         self.max_unavailable_backoff_s = max_unavailable_backoff_s
         self._stats_factory = stats_factory
+        self._stale_log = StaleLog()
         self._probe_failed = False  # a probe found Elasticsearch down since its last answer
 
     def add_record(
@@ -210,13 +251,15 @@ class BatchProcessor:
     async def _prepare(self, batch: Batch) -> None:
         start = time.perf_counter()
         newest = newest_per_id(batch.actions)
-        superseded = len(batch.actions) - len(newest)
-        if superseded:
-            self.metrics.documents_stale.labels("batch").inc(superseded)
+        if len(newest) != len(batch.actions):
+            kept = {id(a) for a in newest}
+            for action in batch.actions:
+                if id(action) not in kept:
+                    self.metrics.documents_stale.labels("batch", action.ref.topic).inc()
         batch.to_write = newest
         upserts = [a for a in newest if isinstance(a, Upsert)]
         for up in upserts:
-            up.content_hash = content_hash(self.model_name, up.text)
+            up.content_hash = content_hash(self.fingerprint, up.text)
         stored: dict[str, tuple[str, dict[str, float]]] = {}
         if self.skip_unchanged and upserts:
             try:
@@ -294,7 +337,9 @@ class BatchProcessor:
             self.metrics.documents_indexed.inc(len(outcome.indexed))
             self.metrics.documents_deleted.labels("deleted").inc(len(outcome.deleted))
             self.metrics.documents_deleted.labels("not_found").inc(len(outcome.not_found))
-            self.metrics.documents_stale.labels("elasticsearch").inc(len(outcome.stale))
+            for action in outcome.stale:
+                self.metrics.documents_stale.labels("elasticsearch", action.ref.topic).inc()
+                self._stale_log.report(action, outcome.stale_details.get(action.doc_id, ""))
             for action, reason, detail in outcome.rejected:
                 self.metrics.bulk_item_errors.labels(reason).inc()
                 log.warning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,9 @@ CLUSTER_ERROR_TYPES = frozenset(
 )
 
 
+# "... in document with id 'x'. Preview of field's value: 'abc'" (mapping errors)
+_VALUE_PREVIEW = re.compile(r"\.? ?Preview of field's value: .*", re.DOTALL)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 # After a 413 the bulk requests shrink, but never below this.
 _MIN_CHUNK_BYTES = 16 * 1024
 
@@ -66,6 +70,7 @@ class IndexConfig:
                 "properties": {
                     "content_hash": {"type": "keyword", "index": False},
                     "model": {"type": "keyword"},
+                    "model_fingerprint": {"type": "keyword"},
                     "topic": {"type": "keyword"},
                     "partition": {"type": "integer"},
                     "offset": {"type": "long"},
@@ -92,6 +97,7 @@ class WriteOutcome:
     deleted: list[Delete] = field(default_factory=list)
     not_found: list[Delete] = field(default_factory=list)
     stale: list[Action] = field(default_factory=list)
+    stale_details: dict[str, str] = field(default_factory=dict)  # id -> Elasticsearch's reason
     rejected: list[tuple[Action, str, str]] = field(default_factory=list)  # action, reason, detail
     retry: list[tuple[Action, str]] = field(default_factory=list)  # action, reason
 
@@ -103,14 +109,22 @@ def es_features(vector: dict[str, float], prune_below: float = 0.0) -> dict[str,
     return {k: w for k, w in vector.items() if w >= prune_below}
 
 
+def _without_values(reason: str) -> str:
+    """Elasticsearch's reason without the values it may quote: the preview of a field's value,
+    and quoted strings (``For input string: "abc"``); field names stay (in brackets). The
+    reason goes to logs and metrics' neighbours: never a record's content."""
+    return _QUOTED.sub("'…'", _VALUE_PREVIEW.sub("", reason))
+
+
 def _error_reason(info: dict[str, Any]) -> tuple[str, str]:
     error = info.get("error")
     if isinstance(error, dict):
         kind = str(error.get("type", "unknown"))
-        detail = str(error.get("reason", ""))
+        detail = _without_values(str(error.get("reason", "")))
         cause = error.get("caused_by")
         if isinstance(cause, dict) and cause.get("reason"):
-            detail = f"{detail} (caused by {cause.get('type')}: {cause.get('reason')})"
+            cause_reason = _without_values(str(cause.get("reason")))
+            detail = f"{detail} (caused by {cause.get('type')}: {cause_reason})"
         return kind, detail
     if "exception" in info:
         exc = info["exception"]
@@ -134,6 +148,7 @@ class ElasticsearchSink:
         self.client = client
         self.config = config
         self.model_name = model_name
+        self.fingerprint = ""  # messages.vector_fingerprint, set by the BatchProcessor
         self._bulk_options = {
             "chunk_size": chunk_size,
             "max_chunk_bytes": max_chunk_bytes,
@@ -215,7 +230,9 @@ class ElasticsearchSink:
             "_index": self.config.index,
             "_id": action.doc_id,
             "version": action.version,
-            "version_type": "external",
+            # a change written again (a replay, a redelivery) replaces itself, so that replaying
+            # a topic re-encodes with a new model; only an older version is refused (409, stale)
+            "version_type": "external_gte",
         }
         if isinstance(action, Delete):
             head["_op_type"] = "delete"
@@ -226,6 +243,7 @@ class ElasticsearchSink:
         source[META_FIELD] = {
             "content_hash": action.content_hash,
             "model": self.model_name,
+            "model_fingerprint": self.fingerprint,
             "topic": action.ref.topic,
             "partition": action.ref.partition,
             "offset": action.ref.offset,
@@ -328,6 +346,7 @@ class ElasticsearchSink:
                     outcome.not_found.append(action)
                 elif status == 409:
                     outcome.stale.append(action)
+                    outcome.stale_details[action.doc_id] = _error_reason(info)[1]
                 else:
                     reason, detail = _error_reason(info)
                     if status in DOCUMENT_FAULT_STATUSES and reason not in CLUSTER_ERROR_TYPES:

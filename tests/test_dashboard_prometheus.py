@@ -152,7 +152,11 @@ async def test_every_dashboard_panel_returns_data(
                 )
                 >= 1
                 and m("sparse_ingest_documents_deleted_total", {"result": "deleted"}) >= 1
-                and m("sparse_ingest_documents_stale_total", {"source": "elasticsearch"}) >= 1
+                and m(
+                    "sparse_ingest_documents_stale_total",
+                    {"source": "elasticsearch", "topic": topic},
+                )
+                >= 1
                 and m("sparse_ingest_documents_skipped_unchanged_total") >= 1
             )
 

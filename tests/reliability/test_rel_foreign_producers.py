@@ -42,7 +42,12 @@ def kcat(kafka: str, topic: str, lines: Sequence[bytes], *args: str, codec: str 
 
 def java_producer(kafka: str, topic: str, lines: Sequence[bytes], codec: str) -> None:
     libs = fetching.kafka_libs_dir(cache_dir())
-    cmd = [str(find_java(KAFKA_MIN_JAVA).java), "-cp", f"{libs}/*", "org.apache.kafka.tools.ConsoleProducer"]
+    cmd = [
+        str(find_java(KAFKA_MIN_JAVA).java),
+        "-cp",
+        f"{libs}/*",
+        "org.apache.kafka.tools.ConsoleProducer",
+    ]
     cmd += ["--bootstrap-server", kafka, "--topic", topic, "--compression-codec", codec]
     cmd += ["--property", "parse.key=true", "--property", "key.separator=\t"]
     cmd += ["--producer-property", "linger.ms=200"]
@@ -60,7 +65,12 @@ def segment_codecs(stack: LocalStack, topic: str) -> Counter[str]:
     """Record batches per codec in the broker's log of partition 0 (DumpLogSegments)."""
     log = Path(stack.run_dir) / "kafka" / "data" / f"{topic}-0" / "00000000000000000000.log"
     libs = fetching.kafka_libs_dir(cache_dir())
-    cmd = [str(find_java(KAFKA_MIN_JAVA).java), "-cp", f"{libs}/*", "org.apache.kafka.tools.DumpLogSegments"]
+    cmd = [
+        str(find_java(KAFKA_MIN_JAVA).java),
+        "-cp",
+        f"{libs}/*",
+        "org.apache.kafka.tools.DumpLogSegments",
+    ]
     out = subprocess.run(
         [*cmd, "--files", str(log)], capture_output=True, text=True, timeout=120, check=True
     ).stdout
