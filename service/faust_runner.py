@@ -139,6 +139,12 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
     import faust
     from aiokafka import AIOKafkaProducer
 
+    from service import record_guard
+
+    # Faust consumes through aiokafka too: a batch or record the client cannot read becomes a
+    # dead letter here as well (the marker records reach processor.add_record with the events).
+    record_guard.install()
+
     from service.app import (
         build_sink,
         dead_letter_max_value,
