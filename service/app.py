@@ -364,6 +364,7 @@ class Service:
                 max_poll_records=s.kafka_max_poll_records,
                 commit_interval_ms=s.commit_interval_ms,
                 shutdown_timeout_s=s.shutdown_timeout_s,
+                max_inflight_bytes=s.max_inflight_bytes,
             ),
         )
         self.consumer.subscribe(s.kafka_topics, listener=self.pipeline)

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     batch_max_tokens: int = Field(default=65_536, ge=64)
     batch_linger_ms: int = Field(default=200, ge=0)
     max_inflight_batches: int = Field(default=2, ge=1)
+    # bytes (key + value + headers) of the records held in batches not yet written; fetching
+    # pauses past it (one larger record still goes through alone)
+    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     skip_unchanged: bool = True
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
 

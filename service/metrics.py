@@ -109,6 +109,12 @@ class Metrics:
         self.paused = Gauge(
             f"{PREFIX}_consumer_paused", "1 while fetching is paused by backpressure", registry=r
         )
+        self.inflight_bytes = Gauge(
+            f"{PREFIX}_inflight_bytes",
+            "bytes (key + value + headers) of the records in batches not yet written "
+            "(bound: MAX_INFLIGHT_BYTES)",
+            registry=r,
+        )
         self.encoder_tokens_per_second = Gauge(
             f"{PREFIX}_encoder_tokens_per_second",
             "real tokens per second of encoder busy time, last batch",
