@@ -8,9 +8,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from encoder.checkpoint import SUPPORTED_ARCHITECTURES
 from encoder.cpu import available_cpus, cpu_features
 from encoder.errors import ModelError
 from encoder.features import FeatureTable
+from encoder.gate import SessionGate
 from encoder.graph import ORT_DISABLED_OPTIMIZERS, OUTPUT_NAME
 from encoder.metadata import (
     IDF_FILE,
@@ -111,7 +111,7 @@ class SparseEncoder:
         self._tok = tokenizer
         self._features = FeatureTable.from_tokenizer(tokenizer, metadata.vocab_size)
         self._idf = idf
-        self._gate = _SessionGate()
+        self._gate = SessionGate()
         self._executor: ThreadPoolExecutor | None = None
         self._query_executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
@@ -256,6 +256,17 @@ class SparseEncoder:
     def long_text(self) -> LongTextMode:
         return self.metadata.long_text
 
+    @property
+    def priority_burst(self) -> int:
+        """Priority inference calls (queries, ``priority=True``) that may pass a waiting document
+        call in a row; then that one goes (``encoder.gate``). The service sets it from
+        ``SPARSE_INGEST_ENCODER_PRIORITY_BURST``."""
+        return self._gate.burst
+
+    @priority_burst.setter
+    def priority_burst(self, value: int) -> None:
+        self._gate.burst = value
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model sees them (special tokens included, nothing cut)."""
         encs = self._encode_batch(texts, add_special_tokens=True)
@@ -279,8 +290,9 @@ class SparseEncoder:
     ) -> list[SparseVector]:
         """Query vectors: the model itself, or inference-free IDF/tokenizer weights.
 
-        Model inference for queries goes before waiting document batches (they wait at most
-        for the one inference call in progress)."""
+        Model inference for queries goes before waiting document batches (they wait for the one
+        inference call in progress, and under a flood for one document call per
+        ``priority_burst`` query calls)."""
         mode = self.metadata.query_mode
         if mode == "model":
             return [v[0] for v in self._encode(texts, stats, per_window=False, priority=True)]
@@ -447,36 +459,6 @@ class SparseEncoder:
         for unit, vec in zip(units, per_unit, strict=True):
             grouped[unit.doc].append(vec)
         return grouped
-
-
-class _SessionGate:
-    """One inference call at a time (each owns all the session's intra-op threads), callers
-    with priority (queries) first: a waiting priority caller goes before every waiting normal
-    one, so a query waits at most for the call in progress, not for a whole document batch."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = False
-        self._priority_waiting = 0
-
-    @contextmanager
-    def hold(self, priority: bool) -> Iterator[None]:
-        with self._cond:
-            if priority:
-                self._priority_waiting += 1
-                try:
-                    self._cond.wait_for(lambda: not self._busy)
-                finally:
-                    self._priority_waiting -= 1
-            else:
-                self._cond.wait_for(lambda: not self._busy and not self._priority_waiting)
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
 
 
 def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:

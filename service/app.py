@@ -372,6 +372,9 @@ class Service:
 
     async def _start_http(self) -> None:
         s = self.settings
+        # The API is the encoder's only priority caller: bound how long ingest waits behind it.
+        if self.encoder is not None:
+            self.encoder.priority_burst = s.encoder_priority_burst
         api = HttpApi(
             self.metrics,
             self.encoder,
@@ -385,6 +388,7 @@ class Service:
                 max_body_bytes=s.http_max_body_bytes,
                 max_query_chars=s.http_max_query_chars,
                 bearer_token=s.http_bearer_token,
+                max_concurrent=s.http_max_concurrent,
             ),
         )
         self._runner = web.AppRunner(api.app(), access_log=None)

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # models, 2048 for narrow ones: encoder.runtime.default_max_batch_tokens)
     encoder_max_batch_tokens: int | None = Field(default=None, ge=64)
     encoder_max_batch_docs: int = Field(default=64, ge=1)
+    # API inference calls (POST /encode, /search) that may pass a waiting ingest call in a row;
+    # then the ingest call goes (encoder.gate): ingest keeps >= 1 call in every burst + 1
+    encoder_priority_burst: int = Field(default=4, ge=1)
     long_text: Literal["chunk", "truncate"] | None = None
 
     # --- Batching and pipeline ----------------------------------------------------------------
@@ -142,6 +145,8 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     http_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     http_max_query_chars: int = Field(default=2000, ge=1)
+    # POST /encode and /search at work at once (encoding or searching); one more gets 429 at once
+    http_max_concurrent: int = Field(default=8, ge=1)
     http_bearer_token: SecretStr | None = None
 
     _split = field_validator("kafka_topics", "text_fields", mode="before")(_split_list)

@@ -3,6 +3,13 @@
 Nothing here writes to Elasticsearch. Request bodies are size-limited and validated; errors are
 JSON ``{"error": "..."}`` with a 4xx status that says what to fix. When a bearer token is
 configured, /encode and /search require ``Authorization: Bearer <token>``.
+
+Load shedding: at most ``HttpLimits.max_concurrent`` /encode and /search requests are at work at
+once (encoding or searching; a request is counted from after its body is validated until its
+answer is ready). One more is refused at once with 429, ``Retry-After`` and a JSON error; there is
+no wait queue here, because admitted requests already queue at the encoder (one query thread, one
+inference call at a time): a second queue would only add latency the client cannot see, while a
+429 lets it back off or go to another replica.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +33,10 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
+# Seconds a refused (429) client is asked to wait. Admitted work takes milliseconds to about a
+# second (BERT-base query under full ingest: p50 0.29 s), so one second frees most slots.
+RETRY_AFTER_S = 1
+
 
 @dataclass(slots=True)
 class HttpLimits:
@@ -33,12 +45,14 @@ class HttpLimits:
     max_texts: int = 32
     max_size: int = 100
     bearer_token: SecretStr | None = None
+    max_concurrent: int = 8  # /encode and /search at work at once; one more gets 429
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -59,6 +73,7 @@ class HttpApi:
         self.searcher = searcher
         self.checks = checks
         self.limits = limits
+        self._at_work = 0  # /encode and /search requests admitted and not yet answered
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._mw])
@@ -87,6 +102,7 @@ class HttpApi:
             response = await handler(request)
         except ApiError as exc:
             response = _json({"error": str(exc)}, exc.status)
+            response.headers.update(exc.headers)
         except web.HTTPRequestEntityTooLarge:
             response = _json(
                 {"error": f"request body over the limit of {self.limits.max_body_bytes} bytes"}, 413
@@ -119,6 +135,29 @@ class HttpApi:
             ready = ready and ok
         self.metrics.ready.set(1 if ready else 0)
         return _json({"ready": ready, "checks": results}, 200 if ready else 503)
+
+    @contextmanager
+    def _work_slot(self, endpoint: str) -> Iterator[None]:
+        """Admit one request's encode/search work, or refuse it with 429 when
+        ``max_concurrent`` are at work already (no waiting: see the module docstring)."""
+        limit = self.limits.max_concurrent
+        if self._at_work >= limit:
+            self.metrics.http_rejected.labels(endpoint, "max_concurrent").inc()
+            raise ApiError(
+                429,
+                f"overloaded: {limit} /encode and /search requests are at work, the most this "
+                f"service takes at once (SPARSE_INGEST_HTTP_MAX_CONCURRENT); retry after "
+                f"{RETRY_AFTER_S} s (Retry-After), back off on repeated 429s, or send fewer "
+                "requests at once",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self._at_work += 1
+        self.metrics.http_inflight.inc()
+        try:
+            yield
+        finally:
+            self._at_work -= 1
+            self.metrics.http_inflight.dec()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -162,12 +201,13 @@ class HttpApi:
             texts = [self._text({"t": t}, "t") for t in texts]
         else:
             texts = [self._text(body, "text")]
-        start = time.perf_counter()
-        if as_query:
-            vectors = await self.encoder.aencode_queries(texts)
-        else:
-            vectors = await self.encoder.aencode_documents(texts, priority=True)
-        took = time.perf_counter() - start
+        with self._work_slot("/encode"):
+            start = time.perf_counter()
+            if as_query:
+                vectors = await self.encoder.aencode_queries(texts)
+            else:
+                vectors = await self.encoder.aencode_documents(texts, priority=True)
+            took = time.perf_counter() - start
         out = [dict(sorted(v.items(), key=lambda kv: kv[1], reverse=True)[:top]) for v in vectors]
         return _json(
             {
@@ -187,11 +227,12 @@ class HttpApi:
         if mode not in MODES:
             raise ApiError(400, f"'mode' must be one of {list(MODES)}")
         size = self._int(body, "size", 10, self.limits.max_size)
-        start = time.perf_counter()
-        vector = None
-        if mode != "bm25":
-            vector = (await self.encoder.aencode_queries([text]))[0]
-        hits = await self.searcher.search(mode, text, vector, size)
+        with self._work_slot("/search"):
+            start = time.perf_counter()
+            vector = None
+            if mode != "bm25":
+                vector = (await self.encoder.aencode_queries([text]))[0]
+            hits = await self.searcher.search(mode, text, vector, size)
         return _json(
             {
                 "mode": mode,

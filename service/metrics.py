@@ -126,6 +126,16 @@ class Metrics:
         self.http_requests = counter(
             "http_requests_total", "HTTP API requests", ("endpoint", "status")
         )
+        self.http_rejected = counter(
+            "http_rejected_total",
+            "POST /encode and /search refused with 429 (reason: max_concurrent)",
+            ("endpoint", "reason"),
+        )
+        self.http_inflight = Gauge(
+            f"{PREFIX}_http_inflight_requests",
+            "POST /encode and /search at work now (bound: HTTP_MAX_CONCURRENT)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
