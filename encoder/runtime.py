@@ -31,6 +31,7 @@ from encoder.metadata import (
     LongTextMode,
     ModelMetadata,
     QuantizationInfo,
+    document_fingerprint,
     read_metadata,
 )
 
@@ -104,6 +105,9 @@ class SparseEncoder:
     ) -> None:
         self.model_dir = model_dir
         self.metadata = metadata
+        # what the document vectors depend on (weights, tokenizer, long-text handling): set by
+        # load(); a different fingerprint means different vectors for the same text
+        self.fingerprint = ""
         self.threads = threads
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_docs = max_batch_docs
@@ -227,6 +231,7 @@ class SparseEncoder:
             max_batch_docs=max_batch_docs,
             idf=idf,
         )
+        enc.fingerprint = document_fingerprint(model_path, tok_path, meta)
         enc._warm_up(model_path)
         features = cpu_features()
         log.info(

@@ -27,6 +27,7 @@ from elasticsearch import (
     ConnectionError as EsConnectionError,
 )
 
+from service import record_guard
 from service.config import Settings
 from service.deadletter import DeadLetterWriter
 from service.http import HttpApi, HttpLimits
@@ -46,6 +47,7 @@ def message_contract(settings: Settings) -> MessageContract:
         text_fields=tuple(settings.text_fields),
         version_field=settings.version_field,
         version_header=settings.version_header,
+        version_epoch=settings.version_epoch,
         vector_field=settings.es_vector_field,
         max_message_bytes=settings.max_message_bytes,
         max_text_chars=settings.max_text_chars,
@@ -296,6 +298,7 @@ class Service:
     async def _start_kafka(self, sink: ElasticsearchSink, encoder: Any) -> None:
         s = self.settings
         security = kafka_security(s)
+        record_guard.install()  # a batch or record the client cannot read becomes a dead letter
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap_servers,
             client_id=f"{s.kafka_client_id}-dlq",
@@ -314,6 +317,9 @@ class Service:
             session_timeout_ms=s.kafka_session_timeout_ms,
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
             isolation_level="read_committed",
+            # a topic made (or partitions added) after the start is consumed within seconds,
+            # not after aiokafka's default 5 minutes
+            metadata_max_age_ms=s.kafka_metadata_max_age_ms,
             **security,
         )
         failures = _LogCapture("aiokafka", "Unable connect to")
@@ -424,6 +430,12 @@ class Service:
         return True, f"assigned {len(self.consumer.assignment())} partition(s)" + (
             f"; topics not created yet: {missing}" if missing else ""
         )
+
+    @property
+    def pipeline_running(self) -> bool:
+        """The ingest pipeline is running (it ends only after :meth:`stop`, or on a fatal
+        error)."""
+        return self._pipeline_task is not None and not self._pipeline_task.done()
 
     async def wait(self) -> None:
         """Until the pipeline ends (after :meth:`stop`, or on a fatal error, which is raised)."""

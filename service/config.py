@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     kafka_max_poll_records: int = Field(default=2000, ge=1)
     kafka_session_timeout_ms: int = Field(default=30_000, ge=1000)
     kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    # how often the consumer refreshes topic metadata: a listed topic made after the start,
+    # or partitions added, are consumed within this time (aiokafka's default is 5 minutes)
+    kafka_metadata_max_age_ms: int = Field(default=5000, ge=100)
     commit_interval_ms: int = Field(default=1000, ge=0)
 
     # --- Message contract ---------------------------------------------------------------------
@@ -92,6 +95,10 @@ class Settings(BaseSettings):
     text_fields: CsvList = Field(default_factory=lambda: ["title", "body"])
     version_field: str = "version"
     version_header: str = "version"
+    # records without a version field or header are versioned by offset: epoch * 2^44 + offset.
+    # Raise it after a topic is recreated or restored elsewhere (offsets start again), so that
+    # the new records win over every stored version of the old epoch (README: Versions)
+    version_epoch: int = Field(default=0, ge=0, le=2**19 - 1)
     max_message_bytes: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=200_000, ge=1)
 

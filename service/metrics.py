@@ -48,8 +48,9 @@ class Metrics:
         )
         self.documents_stale = counter(
             "documents_stale_total",
-            "changes dropped because Elasticsearch already holds the same or a newer version",
-            ("source",),
+            "changes dropped as stale: a newer change of the same id in the batch (source=batch), "
+            "or Elasticsearch holds a newer version (source=elasticsearch)",
+            ("source", "topic"),
         )
         self.documents_unchanged = counter(
             "documents_skipped_unchanged_total",
