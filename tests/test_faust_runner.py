@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from elasticsearch import AsyncElasticsearch
 from faust_worker import FaustWorker, faust_env
 from service_support import (
@@ -151,5 +154,67 @@ async def test_faust_worker_commits_only_what_was_written_while_elasticsearch_re
 
         await wait_until(all_indexed, 120, "every record to be indexed after the block")
         await wait_all_committed(kafka_bootstrap, group, topic, timeout=60)
+    finally:
+        await worker.stop()
+
+
+def _kcat(kafka: str, topic: str, key: bytes, args: list[bytes]) -> None:
+    value = orjson.dumps({"id": key.decode(), "body": "after the transactions"})
+    cmd = [b"kcat", b"-P", b"-b", kafka.encode(), b"-t", topic.encode(), b"-k", key, *args]
+    subprocess.run(cmd, input=value, check=True, timeout=60)
+
+
+async def test_faust_worker_skips_aborted_transactions_and_reads_past_unreadable_records(
+    kafka_bootstrap: str,
+    es_url: str,
+    topic: str,
+    index_name: str,
+    es: AsyncElasticsearch,
+    default_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A transactional producer commits c1, aborts (ab, an overwrite of c1), commits c2; kcat
+    then sends a record whose header key is not UTF-8, and c3. Faust read uncommitted data
+    (ab indexed, c1 overwritten), and its commit stopped for good before the skipped offsets."""
+    await create_topic(kafka_bootstrap, topic, partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"{topic}-tx")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send(topic, key=b"c1", value=orjson.dumps({"id": "c1", "body": "one"}))
+        await producer.begin_transaction()
+        await producer.send(topic, key=b"ab", value=orjson.dumps({"id": "ab", "body": "aborted"}))
+        await producer.send(topic, key=b"c1", value=orjson.dumps({"id": "c1", "body": "aborted"}))
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, key=b"c2", value=orjson.dumps({"id": "c2", "body": "two"}))
+    finally:
+        await producer.stop()
+    _kcat(kafka_bootstrap, topic, b"hb", [b"-H", b"\xff\xfe=v"])  # a header key not UTF-8
+    _kcat(kafka_bootstrap, topic, b"c3", [])
+    group = f"{topic}-faust"
+    worker = FaustWorker(
+        faust_env(
+            kafka_bootstrap_servers=kafka_bootstrap,
+            kafka_topics=topic,
+            kafka_group_id=group,
+            es_url=es_url,
+            es_index=index_name,
+            model_dir=default_model_dir,
+        ),
+        tmp_path,
+    )
+    worker.start()
+    try:
+        await wait_all_committed(kafka_bootstrap, group, topic, timeout=120)
+        await es.indices.refresh(index=index_name)
+        resp = await es.search(index=index_name, query={"match_all": {}}, size=10)
+        bodies = {h["_id"]: h["_source"]["body"] for h in resp["hits"]["hits"]}
+        assert bodies == {"c1": "one", "c2": "two", "c3": "after the transactions"}
+        [letter] = await read_topic(kafka_bootstrap, f"{topic}.dlq", 1)
+        assert dict(letter.headers)["error.reason"] == b"invalid_header"
+        assert letter.key == b"hb"
+        code = await worker.stop()
+        assert code == 0, f"exit status {code}:\n{worker.log_text()[-3000:]}"
     finally:
         await worker.stop()
