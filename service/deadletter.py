@@ -29,6 +29,7 @@ from service.messages import RecordRef
 log = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 2000
+_OUR_PREFIXES = ("error.", "source.")
 DEFAULT_MAX_VALUE_BYTES = 1_000_000
 # What the producer or the broker says when a record is bigger than it takes: not retriable.
 TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
@@ -45,7 +46,12 @@ class DeadLetter:
     stage: str = "decode"  # consume (the Kafka client could not read it), decode, index
     last_offset: int | None = None  # a letter standing for offsets source.offset..last_offset
 
-    def kafka_headers(self, truncated_from: int | None = None) -> list[tuple[str, bytes]]:
+    def kafka_headers(
+        self, truncated_from: int | None = None, bare: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """The record's own headers (not those named ``error.*`` or ``source.*``: ours replace
+        them, e.g. when a dead letter is replayed and fails again), then ours. ``bare``: the
+        record's headers are left out (a letter too large even without its value)."""
         extra = {
             "error.reason": self.reason,
             "error.message": self.message[:MAX_ERROR_MESSAGE],
@@ -60,7 +66,12 @@ class DeadLetter:
         if truncated_from is not None:
             extra["error.value.truncated"] = "true"
             extra["error.value.bytes"] = str(truncated_from)
-        return [*self.headers, *((k, v.encode()) for k, v in extra.items())]
+        own = [(k, v) for k, v in self.headers if not k.startswith(_OUR_PREFIXES)]
+        if bare:
+            extra["error.key.bytes"] = str(len(self.key or b""))
+            extra["error.headers.dropped"] = str(len(own))
+            own = []
+        return [*own, *((k, v.encode()) for k, v in extra.items())]
 
 
 class DeadLetterWriter:
@@ -74,22 +85,29 @@ class DeadLetterWriter:
         self.topic = topic
         self.max_value_bytes = max_value_bytes
 
-    async def _enqueue(self, letter: DeadLetter, limit: int) -> asyncio.Future[object]:
+    async def _enqueue(
+        self, letter: DeadLetter, limit: int, bare: bool = False
+    ) -> asyncio.Future[object]:
         value = letter.value
         cut = None
         if value is not None and len(value) > limit:
             value, cut = value[:limit], len(value)
-        if value is None and letter.key is None:  # Kafka clients refuse a record with neither
+        key = None if bare else letter.key
+        if value is None and key is None:  # Kafka clients refuse a record with neither
             value = b""
         future: asyncio.Future[object] = await self.producer.send(
-            self.topic, value=value, key=letter.key, headers=letter.kafka_headers(cut)
+            self.topic, value=value, key=key, headers=letter.kafka_headers(cut, bare=bare)
         )
         return future
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
         """Send and wait until the broker has every one (acks=all on the producer).
 
-        Raises a (retriable) KafkaError when the broker is not there; the caller retries.
+        A letter too large for the producer or the topic is sent again without its value, and
+        if that is still too large (a huge key or headers), with only our headers (the key's
+        length in ``error.key.bytes``, the number of headers left out in
+        ``error.headers.dropped``): every letter gets out. Raises a (retriable) KafkaError when
+        the broker is not there; the caller retries.
         """
         if not letters:
             return
@@ -112,4 +130,17 @@ class DeadLetterWriter:
                 len(d.value or b""),
                 self.topic,
             )
-            await (await self._enqueue(d, 0))
+            try:
+                await (await self._enqueue(d, 0))
+                continue
+            except TOO_LARGE_ERRORS:
+                pass
+            log.warning(
+                "dead letter of %s is too large for %s even without its value (key %d bytes, "
+                "%d headers): sent with only the error headers",
+                d.ref,
+                self.topic,
+                len(d.key or b""),
+                len(d.headers),
+            )
+            await (await self._enqueue(d, 0, bare=True))

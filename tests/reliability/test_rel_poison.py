@@ -52,3 +52,34 @@ async def test_dead_letter_too_large_for_its_topic_is_sent_without_its_value(
         await es.indices.refresh(index=index)
         assert (await es.count(index=index))["count"] == 5
         await es.indices.delete(index=index)
+
+
+@pytest.mark.timeout(120)
+async def test_dead_letter_too_large_even_without_its_value_is_sent_bare(
+    rel_env: scenarios.Env,
+) -> None:
+    """A bad record whose key alone is over the dead-letter producer's limit: the letter goes
+    out with only our headers (error.key.bytes), the stream goes on (it retried forever)."""
+    topic, index, group = scenarios.names("dlq-bigkey")
+    await create_topic(rel_env.kafka, topic, 1, {"max.message.bytes": str(5 * scenarios.MB)})
+    big_key = b"K" * 1_200_000
+    records = [
+        (b"ok1", orjson.dumps({"id": "ok1", "body": "before"}), []),
+        (big_key, b"not json", [("h", b"v")]),
+        (b"ok2", orjson.dumps({"id": "ok2", "body": "after"}), []),
+    ]
+    await produce_stream(rel_env.kafka, topic, records, max_request_size=5 * scenarios.MB)
+    settings = scenarios.settings_for(rel_env, topic, index, group)
+    async with scenarios.in_process(rel_env, settings):
+        await wait_committed(rel_env.kafka, group, topic, 60)
+    [letter] = await read_all(rel_env.kafka, f"{topic}.dlq")
+    headers = {k: v.decode() for k, v in letter.headers}
+    assert letter.key is None and letter.value == b""
+    assert headers["error.reason"] == "invalid_json"
+    assert headers["error.key.bytes"] == str(len(big_key))
+    assert headers["error.headers.dropped"] == "1"
+    assert headers["source.offset"] == "1"
+    async with rel_env.es() as es:
+        await es.indices.refresh(index=index)
+        assert (await es.count(index=index))["count"] == 2
+        await es.indices.delete(index=index)
