@@ -10,6 +10,7 @@ retries, 5xx, unreachable) are returned as retriable, and the caller retries the
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
@@ -45,7 +46,11 @@ CLUSTER_ERROR_TYPES = frozenset(
 # "... in document with id 'x'. Preview of field's value: 'abc'" (mapping errors)
 _VALUE_PREVIEW = re.compile(r"\.? ?Preview of field's value: .*", re.DOTALL)
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-# After a 413 the bulk requests shrink, but never below this.
+# The status recorded for a bulk request whose connection dropped while the cluster answered.
+_CONNECTION_DROPPED = 0
+# After a 413 the bulk requests shrink, but never below this; they grow back after this many
+# batches written without one.
+_GROW_AFTER = 50
 _MIN_CHUNK_BYTES = 16 * 1024
 
 
@@ -122,9 +127,9 @@ def _error_reason(info: dict[str, Any]) -> tuple[str, str]:
         kind = str(error.get("type", "unknown"))
         detail = _without_values(str(error.get("reason", "")))
         cause = error.get("caused_by")
-        if isinstance(cause, dict) and cause.get("reason"):
-            cause_reason = _without_values(str(cause.get("reason")))
-            detail = f"{detail} (caused by {cause.get('type')}: {cause_reason})"
+        if isinstance(cause, dict) and cause.get("type"):
+            # only the cause's type: its reason quotes the value ("Failed to parse value [x]")
+            detail = f"{detail} (caused by {cause.get('type')})"
         return kind, detail
     if "exception" in info:
         exc = info["exception"]
@@ -156,6 +161,8 @@ class ElasticsearchSink:
             "initial_backoff": initial_backoff,
             "max_backoff": max_backoff,
         }
+        self._configured_chunk_bytes = max_chunk_bytes
+        self._clean_writes = 0
 
     async def ensure_index(self, create: bool = True) -> None:
         """Create the index with its mapping when missing; check the vector field when present."""
@@ -268,38 +275,66 @@ class ElasticsearchSink:
         outcome = WriteOutcome()
         options = dict(self._bulk_options)
         pending: Sequence[Action] = actions
+        drops: dict[str, int] = {}  # connections dropped for a request holding only this id
+        clean = True
         while pending:
-            refused = await self._write_chunks(pending, options, outcome)
+            refused, untried = await self._write_chunks(pending, options, outcome)
+            pending = untried
             if not refused:
-                break
-            if options["chunk_size"] == 1 or len(refused) == 1:
-                for action, status, detail in refused:
-                    reason = "request_too_large" if status == 413 else "request_rejected"
-                    outcome.rejected.append(
-                        (
-                            action,
-                            reason,
-                            f"Elasticsearch refused a bulk request ({status}) holding only this "
-                            f"document: {detail}",
-                        )
+                continue
+            clean = False
+            if options["chunk_size"] > 1 and len(refused) > 1:  # split, and shrink for good
+                if any(status in (413, _CONNECTION_DROPPED) for _, status, _ in refused):
+                    self._shrink_chunk_bytes()
+                options["chunk_size"] = max(1, min(options["chunk_size"], len(refused)) // 2)
+                options["max_chunk_bytes"] = max(
+                    1, min(options["max_chunk_bytes"], self._bulk_options["max_chunk_bytes"]) // 2
+                )
+                pending = [*(action for action, _, _ in refused), *untried]
+                continue
+            for action, status, detail in refused:  # refused holding only this action
+                if status == _CONNECTION_DROPPED and drops.get(action.doc_id, 0) < 2:
+                    # a connection may drop by chance: try again, twice, then give up
+                    drops[action.doc_id] = drops.get(action.doc_id, 0) + 1
+                    await asyncio.sleep(0.5 * drops[action.doc_id])
+                    pending = [action, *pending]
+                    continue
+                reason = "request_too_large" if status == 413 else "request_rejected"
+                what = (
+                    "dropped the connection of"
+                    if status == _CONNECTION_DROPPED
+                    else f"refused ({status})"
+                )
+                outcome.rejected.append(
+                    (
+                        action,
+                        reason,
+                        f"Elasticsearch (or a proxy before it) {what} a bulk request holding "
+                        f"only this document, while it answered other requests: {detail}",
                     )
-                break
-            if any(status == 413 for _, status, _ in refused):
-                self._shrink_chunk_bytes()
-            options["chunk_size"] = max(1, min(options["chunk_size"], len(refused)) // 2)
-            options["max_chunk_bytes"] = max(
-                1, min(options["max_chunk_bytes"], self._bulk_options["max_chunk_bytes"]) // 2
-            )
-            pending = [action for action, _, _ in refused]
+                )
+        if clean:
+            self._grow_chunk_bytes()
         return outcome
 
+    def _grow_chunk_bytes(self) -> None:
+        """After ``_GROW_AFTER`` batches written without a refusal, double the bulk size again
+        (up to the setting): one oversized document must not shrink the bulks for good."""
+        self._clean_writes += 1
+        current = self._bulk_options["max_chunk_bytes"]
+        if self._clean_writes >= _GROW_AFTER and current < self._configured_chunk_bytes:
+            self._bulk_options["max_chunk_bytes"] = min(self._configured_chunk_bytes, current * 2)
+            self._clean_writes = 0
+
     def _shrink_chunk_bytes(self) -> None:
+        self._clean_writes = 0
         before = self._bulk_options["max_chunk_bytes"]
         after = max(_MIN_CHUNK_BYTES, before // 2)
         if after < before:
             self._bulk_options["max_chunk_bytes"] = after
             log.warning(
-                "Elasticsearch (or a proxy before it) refused a bulk request as too large (413): "
+                "Elasticsearch (or a proxy before it) refused a bulk request as too large (413) "
+                "or dropped its connection: "
                 "bulk requests are now at most %d bytes (were %d); set "
                 "SPARSE_INGEST_ES_BULK_MAX_BYTES below the cluster's http.max_content_length "
                 "and any proxy's body limit",
@@ -309,12 +344,14 @@ class ElasticsearchSink:
 
     async def _write_chunks(
         self, actions: Sequence[Action], options: dict[str, Any], outcome: WriteOutcome
-    ) -> list[tuple[Action, int, str]]:
-        """One pass of the bulk helper over ``actions``: item results go into ``outcome``;
-        returns the actions of requests refused as a whole with 400 or 413."""
+    ) -> tuple[list[tuple[Action, int, str]], list[Action]]:
+        """One pass of the bulk helper over ``actions``: item results go into ``outcome``.
+        Returns the actions of requests refused as a whole (400, 413, or a dropped connection
+        while the cluster answers), and those not tried because an earlier request of the pass
+        failed so."""
         refused: list[tuple[Action, int, str]] = []
         if not actions:
-            return refused
+            return refused, []
         by_id = {a.doc_id: a for a in actions}
         now = dt.datetime.now(dt.UTC).isoformat()
         bulk: Iterable[dict[str, Any]] = (self._bulk_action(a, now) for a in actions)
@@ -357,11 +394,20 @@ class ElasticsearchSink:
                         outcome.retry.append((action, reason))
         except SerializationError:
             raise  # a document that cannot be serialized: the caller isolates it
-        except (TransportError, ApiError) as exc:  # connection refused, timeout, 5xx
+        except (TransportError, ApiError) as exc:  # connection refused or dropped, timeout
+            unseen = [a for a in actions if a.doc_id not in seen]
+            # A proxy or load balancer that drops the connection of a body over its limit looks
+            # like an outage, except that the cluster still answers a small request: then the
+            # bulk is split like a 413, instead of retrying the same body forever.
+            if unseen and isinstance(exc, TransportError) and await self.reachable():
+                detail = f"{type(exc).__name__}: {exc}"[:300]
+                if options["chunk_size"] == 1:  # the failed request held the first unseen one
+                    return [*refused, (unseen[0], _CONNECTION_DROPPED, detail)], unseen[1:]
+                return [*refused, *((a, _CONNECTION_DROPPED, detail) for a in unseen)], []
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if len(seen) != len(by_id):  # defensive: never let an item go unaccounted
             outcome.retry.extend((by_id[i], "no_result") for i in set(by_id) - seen)
-        return refused
+        return refused, []
 
 
 def _request_error(info: dict[str, Any]) -> str:

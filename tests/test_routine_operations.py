@@ -198,13 +198,21 @@ async def test_partitions_added_while_running_are_consumed_within_seconds(
 
 
 @asynccontextmanager
-async def body_limit_proxy(es_url: str, limit: int) -> AsyncIterator[tuple[str, list[int]]]:
-    """A reverse proxy to Elasticsearch that answers 413 (as nginx does, in HTML) to a request
-    body over ``limit`` bytes. Yields its URL and the sizes of the bodies it refused."""
+async def body_limit_proxy(
+    es_url: str, limit: int, how: str = "413"
+) -> AsyncIterator[tuple[str, list[int]]]:
+    """A reverse proxy to Elasticsearch that refuses a request body over ``limit`` bytes: with
+    413 (as nginx does, in HTML), or ``how="drop"``: by dropping the connection (as some load
+    balancers do). Yields its URL and the sizes of the bodies it refused."""
     refused: list[int] = []
     session = aiohttp.ClientSession()
 
     async def forward(request: web.Request) -> web.Response:
+        if how == "drop" and (request.content_length or 0) > limit:
+            refused.append(request.content_length or 0)
+            assert request.transport is not None
+            request.transport.abort()
+            raise web.HTTPBadRequest()
         body = await request.read()
         if len(body) > limit:
             refused.append(len(body))
@@ -245,7 +253,9 @@ async def body_limit_proxy(es_url: str, limit: int) -> AsyncIterator[tuple[str, 
         await session.close()
 
 
+@pytest.mark.parametrize("how", ["413", "drop"])
 async def test_a_proxy_body_limit_splits_bulks_and_dead_letters_only_the_oversized_document(
+    how: str,
     kafka_bootstrap: str,
     es_url: str,
     topic: str,
@@ -259,7 +269,7 @@ async def test_a_proxy_body_limit_splits_bulks_and_dead_letters_only_the_oversiz
     records = [doc(f"d{i}", f"text number {i} " + "moraine " * 300) for i in range(40)]
     records.insert(20, doc("huge", "word " * 20_000))  # ~100 KB: over the limit on its own
     await produce(kafka_bootstrap, topic, records)
-    async with body_limit_proxy(es_url, limit) as (proxy_url, refused):
+    async with body_limit_proxy(es_url, limit, how) as (proxy_url, refused):
         settings = service_settings(
             kafka_bootstrap, proxy_url, topic, index_name, batch_max_docs=64
         )
@@ -267,17 +277,16 @@ async def test_a_proxy_body_limit_splits_bulks_and_dead_letters_only_the_oversiz
             async with running_service(settings, default_encoder) as svc:
                 await wait_all_committed(kafka_bootstrap, settings.kafka_group_id, topic)
                 assert metric(svc, "sparse_ingest_documents_indexed_total") == 40
+                reason = "request_too_large" if how == "413" else "request_rejected"
                 dead = metric(
-                    svc,
-                    "sparse_ingest_documents_dead_lettered_total",
-                    {"reason": "request_too_large"},
+                    svc, "sparse_ingest_documents_dead_lettered_total", {"reason": reason}
                 )
-                assert dead == 1
+                assert dead == 1, how
         assert refused, "the proxy refused nothing: the test did not test"
     assert set(await stored(es, index_name)) == {f"d{i}" for i in range(40)}
     [letter] = await read_topic(kafka_bootstrap, settings.dead_letter_topic, 1)
     headers = {k: v.decode() for k, v in letter.headers}
-    assert letter.key == b"huge" and headers["error.reason"] == "request_too_large"
+    assert letter.key == b"huge" and headers["error.reason"] == reason
     assert orjson.loads(letter.value)["id"] == "huge"
     assert any(
         "refused a bulk request as too large (413)" in r.getMessage() for r in caplog.records
