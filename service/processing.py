@@ -78,6 +78,16 @@ class StaleLog:
         self._since[topic] = 0
 
 
+class _Frames(Exception):
+    """Logs an exception's traceback (where it was raised) without its message, which may
+    quote a record's content (``SerializationError: Unable to serialize ... {'body': ...}``)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__module__}.{type(exc).__qualname__} (message left out)")
+        self.__traceback__ = exc.__traceback__
+        self.__suppress_context__ = True
+
+
 def _internal(exc: BaseException) -> str:
     """The dead-letter message of an unexpected exception (the traceback goes to the log)."""
     return f"unexpected {type(exc).__name__} (a bug in sparse-ingest; the traceback is in its log)"
@@ -178,7 +188,12 @@ class BatchProcessor:
             batch.dead.append(DeadLetter(ref, key, value, headers, bad.reason, bad.detail))
             return
         except Exception as exc:  # a bug of ours: this record must not stop the stream
-            log.exception("dead-lettering %s: decoding raised %s", ref, type(exc).__name__)
+            log.error(
+                "dead-lettering %s: decoding raised %s",
+                ref,
+                type(exc).__name__,
+                exc_info=_Frames(exc),
+            )
             batch.dead.append(
                 DeadLetter(ref, key, value, headers, "internal_error", _internal(exc))
             )
@@ -217,11 +232,12 @@ class BatchProcessor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception(
+            log.error(
                 "%s of a batch of %d record(s) raised %s; processing its records one by one",
                 stage,
                 batch.records,
                 type(exc).__name__,
+                exc_info=_Frames(exc),
             )
             await self._isolate(batch)
 
@@ -237,8 +253,11 @@ class BatchProcessor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception(
-                    "dead-lettering %s: processing it raised %s", action.ref, type(exc).__name__
+                log.error(
+                    "dead-lettering %s: processing it raised %s",
+                    action.ref,
+                    type(exc).__name__,
+                    exc_info=_Frames(exc),
                 )
                 key, value, headers = one.raw[action.ref]
                 one.dead.append(

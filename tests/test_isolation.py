@@ -48,6 +48,7 @@ async def test_a_record_that_makes_a_step_raise_is_dead_lettered_alone(
     index_name: str,
     es: AsyncElasticsearch,
     default_encoder: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await create_topic(kafka_bootstrap, topic, partitions=1)
     records = [doc(f"d{i}", f"ordinary text {i}") for i in range(30)]
@@ -66,3 +67,7 @@ async def test_a_record_that_makes_a_step_raise_is_dead_lettered_alone(
     assert "SerializationError" in headers["error.message"]
     await es.indices.refresh(index=index_name)
     assert (await es.count(index=index_name))["count"] == 30
+    # the traceback is logged (where it was raised), its message quoting the record is not
+    logged = "\n".join(caplog.text.splitlines())
+    assert "Traceback" in logged and "SerializationError" in logged
+    assert "this one goes BOOM" not in logged
