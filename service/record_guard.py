@@ -51,6 +51,7 @@ _MAX_TIMESTAMP = 35  # int64
 _RECORDS_COUNT = 57  # int32
 _RECORDS = 61
 _LOG_APPEND_TIME = 1
+_ABORT_MARKER_KEY = struct.pack(">hh", 0, 0)  # control record key: version 0, type 0 (ABORT)
 
 _DECODERS: dict[int, Callable[[bytes], bytes]] = {
     1: codec.gzip_decode,
@@ -143,8 +144,9 @@ def salvage_records(
 ) -> Iterator[tuple[_Record | None, Unreadable | None]]:
     """Read a v2 record batch record by record, tolerating what aiokafka does not: yields
     ``(record, None)`` for each readable record after ``after_offset`` and ``(record, what)``
-    for one that is not (a header key that is not UTF-8: its bytes are kept, the key shown
-    with backslash escapes). A record whose framing is broken ends the batch with
+    for one that is not (a header key that is not UTF-8, or null: the record's key, value and
+    header values are kept; such a header key is shown with backslash escapes, as Kafka
+    clients cannot write it back). A record whose framing is broken ends the batch with
     ``(None, what)`` covering the offsets left."""
     base_offset = struct.unpack_from(">q", raw, 0)[0]
     attributes = struct.unpack_from(">h", raw, _ATTRIBUTES)[0]
@@ -170,12 +172,10 @@ def salvage_records(
             key, pos = _bytes(payload, pos)
             value, pos = _bytes(payload, pos)
             header_count, pos = decode_varint(payload, pos)
-            raw_headers: list[tuple[bytes, bytes | None]] = []
+            raw_headers: list[tuple[bytes | None, bytes | None]] = []
             for _h in range(header_count):
                 raw_key, pos = _bytes(payload, pos)
                 h_value, pos = _bytes(payload, pos)
-                if raw_key is None:
-                    raise ValueError("a header key is null")
                 raw_headers.append((raw_key, h_value))
             if pos != end:
                 raise ValueError(f"record length {length} does not match its fields")
@@ -199,6 +199,9 @@ def salvage_records(
         bad: Unreadable | None = None
         headers: list[tuple[str, bytes | None]] = []
         for h_key_bytes, h_value in raw_headers:
+            if h_key_bytes is None:  # Kafka header keys are strings, never null
+                h_key_bytes = b""
+                bad = Unreadable("invalid_header", "a header key is null", offset, offset)
             try:
                 h_key: str = h_key_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -227,32 +230,78 @@ def _bytes(payload: bytes, pos: int) -> tuple[bytes | None, int]:
 class _GuardedBatch:
     """One record batch: the real one, read as aiokafka reads it, until it fails."""
 
-    def __init__(self, batch: Any, raw: memoryview, owner: Any) -> None:
+    def __init__(self, batch: Any, raw: memoryview, owner: Any, next_base: int | None) -> None:
         self._batch = batch
         self._raw = raw
         self._owner = owner
+        self._next_base = next_base  # base offset of the batch after it in the fetch, if any
         self._crc_ok = True
+        self._first_offset: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._batch, name)
 
-    def __next__(self) -> Any:  # control batches are read with next() directly
-        return next(self._batch)
+    def __next__(self) -> Any:
+        """A control batch's marker, read with next() by aiokafka under read_committed. One
+        that cannot be read is taken as an ABORT marker: that only ends the producer's
+        aborted state, which is harmless when its transaction was in fact committed (taking a
+        damaged abort marker as a commit would skip the producer's later committed data)."""
+        try:
+            return next(self._batch)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            log.warning("a transaction marker cannot be read (%s): taken as ABORT", _describe(exc))
+            return _Record(self._batch.base_offset, -1, 0, _ABORT_MARKER_KEY, None, [])
 
     def validate_crc(self) -> bool:
         # A CRC mismatch makes aiokafka raise; here the batch becomes one unreadable marker.
         self._crc_ok = bool(self._batch.validate_crc())
+        self._first()  # fix the first unread offset before anything is taken
         return True
+
+    # Past a CRC mismatch, nothing after the base offset in the batch header can be trusted
+    # (the CRC covers it): not the offsets it claims, not its transactional flags.
+    @property
+    def next_offset(self) -> int:
+        return int(self._batch.next_offset) if self._crc_ok else self._trusted_last() + 1
+
+    @property
+    def producer_id(self) -> Any:
+        return self._batch.producer_id if self._crc_ok else None
+
+    @property
+    def is_control_batch(self) -> bool:
+        return bool(self._batch.is_control_batch) if self._crc_ok else False
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self._batch.is_transactional) if self._crc_ok else False
 
     def _position(self) -> int:
         return int(getattr(self._owner, "next_fetch_offset", 0) or 0)
 
+    def _first(self) -> int:
+        """The first offset not read yet, as it was when the batch was first looked at (the
+        position moves on as the batch's records, or its marker, are taken)."""
+        if self._first_offset is None:
+            self._first_offset = max(int(self._batch.base_offset), self._position())
+        return self._first_offset
+
+    def _trusted_last(self) -> int:
+        """The batch's last offset: from its header, or after a CRC mismatch from the next
+        batch's base offset (outside the CRC), else only its first offset."""
+        if self._crc_ok:
+            return int(self._batch.next_offset) - 1
+        if self._next_base is not None and self._next_base > self._first():
+            return self._next_base - 1
+        return self._first()
+
     def _whole_batch(self, reason: str, message: str) -> _Record:
-        first = max(self._batch.base_offset, self._position())
-        last = self._batch.next_offset - 1
-        what = Unreadable(reason, message, first, last)
+        what = Unreadable(reason, message, self._first(), self._trusted_last())
         _log(self._owner, what)
-        return _marker(what, getattr(self._batch, "max_timestamp", -1))
+        timestamp = getattr(self._batch, "max_timestamp", -1) if self._crc_ok else -1
+        return _marker(what, timestamp)
 
     def __iter__(self) -> Iterator[Any]:
         if not self._crc_ok:
@@ -367,7 +416,10 @@ class GuardedMemoryRecords:
             self._broken = True
             return _BrokenFraming(self.owner, exc)
         self._pos = end
-        return _GuardedBatch(batch, self._raw[start:end], self.owner)
+        next_base = None
+        if len(self._raw) >= end + 8:
+            next_base = struct.unpack_from(">q", self._raw, end)[0]
+        return _GuardedBatch(batch, self._raw[start:end], self.owner, next_base)
 
 
 class GuardedPartitionRecords(_ORIGINAL_PARTITION_RECORDS):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import kafka_batches
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.consumer import fetcher
@@ -19,6 +20,7 @@ from service import record_guard
 from service.record_guard import MARKER_HEADER, unreadable
 
 TP = TopicPartition("t", 0)
+READ_COMMITTED = 1  # aiokafka's isolation level value, as `sparse-ingest run` consumes
 GZIP, SNAPPY, LZ4, ZSTD = 1, 2, 3, 4
 PLACEHOLDER = "HEADERKEY"  # replaced by bytes that are not UTF-8 (same length)
 
@@ -135,3 +137,52 @@ def test_marker_header_cannot_come_from_the_wire() -> None:
         MARKER_HEADER.encode("utf-8")
     assert unreadable([("h", b"x")]) is None
     assert unreadable([]) is None
+
+
+def read_committed(data: bytes) -> list[Any]:
+    record_guard.install()
+    records = fetcher.MemoryRecords(data)
+    return list(fetcher.PartitionRecords(TP, records, [], 0, None, None, True, READ_COMMITTED))
+
+
+def one(offset: int, value: bytes) -> bytes:
+    return kafka_batches.batch(offset, [(0, 0, b"k", value, [])])
+
+
+def test_a_crc_mismatch_does_not_trust_the_offsets_in_the_damaged_header() -> None:
+    """lastOffsetDelta is covered by the CRC: damaged, it claimed offsets up to 1,000,001, and
+    the marker skipped the next batch's good record."""
+    bad = bytearray(kafka_batches.batch(1, [(0, 0, b"k", b"b1", []), (1, 0, b"k", b"b2", [])]))
+    struct.pack_into(">i", bad, 23, 1_000_000)
+    got = read(one(0, b"g0") + bytes(bad) + one(3, b"g3"))
+    assert describe(got) == [(0, "g0"), (2, "unreadable_batch"), (3, "g3")]
+    marker = unreadable(list(got[1].headers))
+    assert marker is not None and (marker.first_offset, marker.last_offset) == (1, 2)
+
+
+def test_a_damaged_transaction_marker_does_not_escape_the_guard() -> None:
+    txn = kafka_batches.batch(0, [(0, 0, b"k", b"t0", [])], transactional=True, producer_id=7)
+    marker = bytearray(kafka_batches.control_batch(1, 7, abort=False))
+    marker[-1] ^= 0xFF  # fails its CRC
+    got = read_committed(txn + bytes(marker) + one(2, b"g2"))
+    assert describe(got) == [(0, "t0"), (1, "unreadable_batch"), (2, "g2")]
+
+
+def test_an_unparsable_transaction_marker_is_taken_as_abort() -> None:
+    """A control batch whose CRC holds but whose record does not parse: taken as an ABORT
+    marker, which only ends the producer's aborted state (harmless if it committed)."""
+    broken = kafka_batches.batch(
+        1, [], transactional=True, control=True, producer_id=7, raw_records=b"\x7f", count=1,
+        last_offset_delta=0,
+    )  # fmt: skip
+    txn = kafka_batches.batch(0, [(0, 0, b"k", b"t0", [])], transactional=True, producer_id=7)
+    assert describe(read_committed(txn + broken + one(2, b"g2"))) == [(0, "t0"), (2, "g2")]
+
+
+def test_a_null_header_key_costs_exactly_its_record() -> None:
+    raw = kafka_batches.record(0, 0, b"a", b"c0", [(None, b"x")])
+    raw += kafka_batches.record(1, 0, b"b", b"GOOD-c1", [])
+    data = kafka_batches.batch(0, [], raw_records=raw, count=2, last_offset_delta=1)
+    got = read(data + one(2, b"g2"))
+    assert describe(got) == [(0, "invalid_header"), (1, "GOOD-c1"), (2, "g2")]
+    assert got[0].key == b"a" and got[0].value == b"c0"
