@@ -192,6 +192,12 @@ class Settings(BaseSettings):
                 "KAFKA_SECURITY_PROTOCOL is SASL_*: set SPARSE_INGEST_KAFKA_SASL_MECHANISM, "
                 "SPARSE_INGEST_KAFKA_SASL_USERNAME and SPARSE_INGEST_KAFKA_SASL_PASSWORD"
             )
+        if self.dead_letter_topic in self.kafka_topics:
+            raise ValueError(
+                f"the dead-letter topic {self.dead_letter_topic!r} is also in "
+                "SPARSE_INGEST_KAFKA_TOPICS: a bad record would be dead-lettered again and again; "
+                "set SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC to a topic that is not consumed"
+            )
         if self.es_password is not None and not self.es_username:
             raise ValueError(
                 "SPARSE_INGEST_ES_PASSWORD is set but SPARSE_INGEST_ES_USERNAME is not"

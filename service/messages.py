@@ -157,6 +157,12 @@ def _deeper_than(doc: object, limit: int) -> bool:
     return True
 
 
+def _has_content(text: str) -> bool:
+    """A letter or a digit somewhere: whitespace, zero-width characters, punctuation and
+    symbols alone give the encoder nothing but its special tokens (the same vector for all)."""
+    return any(c.isalnum() for c in text)
+
+
 def _check_id(raw: object, where: str) -> str:
     if isinstance(raw, bool) or not isinstance(raw, str | int):
         raise BadRecord(
@@ -248,7 +254,7 @@ def decode_record(
             raise BadRecord(
                 "wrong_type", f"field {name!r} must be a string, got {type(text).__name__}"
             )
-        if text.strip():
+        if _has_content(text):
             parts.append(text)
     if not parts:
         raise BadRecord(

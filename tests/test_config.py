@@ -46,3 +46,23 @@ def test_sasl_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
     with pytest.raises(ConfigError, match="SASL_MECHANISM"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("topics", "dead_letters"), [("docs,docs.dlq", ""), ("docs", "docs"), ("a,b", "b")]
+)
+def test_a_consumed_dead_letter_topic_is_refused(
+    monkeypatch: pytest.MonkeyPatch, topics: str, dead_letters: str
+) -> None:
+    """One bad record would be dead-lettered into a topic the service reads, again and again."""
+    monkeypatch.setenv("SPARSE_INGEST_KAFKA_TOPICS", topics)
+    monkeypatch.setenv("SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC", dead_letters)
+    with pytest.raises(ConfigError, match="SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**19), "x"])
+def test_version_epoch_is_checked(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SPARSE_INGEST_VERSION_EPOCH", value)
+    with pytest.raises(ConfigError, match="SPARSE_INGEST_VERSION_EPOCH"):
+        load_settings()

@@ -201,3 +201,13 @@ def test_a_bom_in_front_of_the_json_is_ignored() -> None:
         CONTRACT, RecordRef("t", 0, 0), None, b'\xef\xbb\xbf{"id": "a", "body": "x"}'
     )
     assert isinstance(action, Upsert) and action.doc_id == "a"
+
+
+def test_text_without_a_letter_or_digit_is_missing_text() -> None:
+    """Zero-width spaces, punctuation, emoji alone: the encoder would see only its special
+    tokens and give every such text the same vector."""
+    for body in ("\u200b\u200b", "...", "\ufeff", "❄ 🧊", " \u2028 "):
+        bad = decode(RecordRef("t", 0, 0), b"d", orjson.dumps({"id": "d", "body": body}), [])
+        assert isinstance(bad, BadRecord) and bad.reason == "missing_text", body
+    ok = decode(RecordRef("t", 0, 0), b"d", orjson.dumps({"id": "d", "body": "❄ ice"}), [])
+    assert isinstance(ok, Upsert)
