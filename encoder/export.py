@@ -42,7 +42,7 @@ from encoder.registry import QueryMode
 
 log = logging.getLogger(__name__)
 
-EXPORTER_VERSION = "sparse-ingest-exporter/4"
+EXPORTER_VERSION = "sparse-ingest-exporter/5"
 
 # Node groups that can be left in FP32 (matched against node names from encoder.graph).
 FP32_GROUPS: dict[str, tuple[str, ...]] = {
@@ -78,7 +78,11 @@ PROBE_TEXTS = (
 @dataclass(frozen=True)
 class QuantizeOptions:
     per_channel: bool = True
-    reduce_range: bool = False
+    # 7-bit weights. Without it, INT8 fidelity depends on the CPU that runs the model: on an AMD
+    # EPYC (AVX-512 VNNI, no AMX) the default model gave mean cosine 0.989 (min 0.974) against
+    # FP32 on the probe texts, 0.998 (min 0.995) with it; an exported model runs on whatever CPU
+    # the service lands on, so the portable choice is the default (exporter 5).
+    reduce_range: bool = True
     fp32_groups: tuple[str, ...] = ()
     # "Gather": the word embeddings are stored INT8 too (-70 MB on BERT-base, no measurable loss);
     # add "Attention" with GraphOptions(attention="attention") for QAttention.
