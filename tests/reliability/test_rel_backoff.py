@@ -12,9 +12,12 @@ import pytest
 from service.messages import MessageContract
 from service.metrics import Metrics
 from service.processing import BatchProcessor
+from service.sink import IndexConfig
 
 
 class _Sink:
+    config = IndexConfig("i")
+
     def __init__(self, answers: list[bool]) -> None:
         self.answers = answers
 
