@@ -29,7 +29,23 @@ from service.messages import RecordRef
 log = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 2000
-_OUR_PREFIXES = ("error.", "source.")
+# The headers a dead letter gets: a record's own headers of these names are replaced.
+OUR_HEADERS = frozenset(
+    {
+        "error.reason",
+        "error.message",
+        "error.stage",
+        "error.value.truncated",
+        "error.value.bytes",
+        "error.key.bytes",
+        "error.headers.dropped",
+        "source.topic",
+        "source.partition",
+        "source.offset",
+        "source.offset.last",
+        "source.timestamp",
+    }
+)
 DEFAULT_MAX_VALUE_BYTES = 1_000_000
 # What the producer or the broker says when a record is bigger than it takes: not retriable.
 TOO_LARGE_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
@@ -49,8 +65,8 @@ class DeadLetter:
     def kafka_headers(
         self, truncated_from: int | None = None, bare: bool = False
     ) -> list[tuple[str, bytes]]:
-        """The record's own headers (not those named ``error.*`` or ``source.*``: ours replace
-        them, e.g. when a dead letter is replayed and fails again), then ours. ``bare``: the
+        """The record's own headers (except those named like ours, :data:`OUR_HEADERS`: ours
+        replace them, e.g. when a dead letter is replayed and fails again), then ours. ``bare``: the
         record's headers are left out (a letter too large even without its value)."""
         extra = {
             "error.reason": self.reason,
@@ -66,7 +82,7 @@ class DeadLetter:
         if truncated_from is not None:
             extra["error.value.truncated"] = "true"
             extra["error.value.bytes"] = str(truncated_from)
-        own = [(k, v) for k, v in self.headers if not k.startswith(_OUR_PREFIXES)]
+        own = [(k, v) for k, v in self.headers if k not in OUR_HEADERS]
         if bare:
             extra["error.key.bytes"] = str(len(self.key or b""))
             extra["error.headers.dropped"] = str(len(own))

@@ -303,7 +303,12 @@ class BatchProcessor:
         try:
             vectors = await self.encoder.aencode_documents(texts, stats)
         except Exception as exc:
-            log.error("encoding a batch of %d failed (%s); encoding one by one", len(texts), exc)
+            log.error(
+                "encoding a batch of %d failed (%s); encoding one by one",
+                len(texts),
+                type(exc).__name__,
+                exc_info=_Frames(exc),
+            )
             vectors = []
             for up in batch.to_encode:
                 try:

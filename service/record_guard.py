@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiokafka import codec
 from aiokafka.consumer import fetcher
-from aiokafka.record.util import decode_varint
+from aiokafka.record.util import calc_crc32c, decode_varint
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,15 @@ def _bytes(payload: bytes, pos: int) -> tuple[bytes | None, int]:
 class _GuardedBatch:
     """One record batch: the real one, read as aiokafka reads it, until it fails."""
 
-    def __init__(self, batch: Any, raw: memoryview, owner: Any, next_base: int | None) -> None:
+    def __init__(
+        self,
+        batch: Any,
+        raw: memoryview,
+        owner: Any,
+        next_base: int | None,
+        on_corrupt: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_corrupt = on_corrupt
         self._batch = batch
         self._raw = raw
         self._owner = owner
@@ -255,9 +263,13 @@ class _GuardedBatch:
             return _Record(self._batch.base_offset, -1, 0, _ABORT_MARKER_KEY, None, [])
 
     def validate_crc(self) -> bool:
-        # A CRC mismatch makes aiokafka raise; here the batch becomes one unreadable marker.
+        # A CRC mismatch makes aiokafka raise; here the batch becomes one unreadable marker,
+        # and the rest of this fetch is left for the next one: its framing may be off too, and
+        # the transaction state built from it (a damaged ABORT marker) cannot be trusted.
         self._crc_ok = bool(self._batch.validate_crc())
         self._first()  # fix the first unread offset before anything is taken
+        if not self._crc_ok and self._on_corrupt is not None:
+            self._on_corrupt()
         return True
 
     # Past a CRC mismatch, nothing after the base offset in the batch header can be trusted
@@ -416,10 +428,28 @@ class GuardedMemoryRecords:
             self._broken = True
             return _BrokenFraming(self.owner, exc)
         self._pos = end
-        next_base = None
-        if len(self._raw) >= end + 8:
-            next_base = struct.unpack_from(">q", self._raw, end)[0]
-        return _GuardedBatch(batch, self._raw[start:end], self.owner, next_base)
+        return _GuardedBatch(
+            batch, self._raw[start:end], self.owner, self._valid_base_at(end), self._stop
+        )
+
+    def _stop(self) -> None:
+        self._broken = True
+
+    def _valid_base_at(self, pos: int) -> int | None:
+        """The base offset of the batch at ``pos`` if a whole v2 batch with a matching CRC is
+        there (the length field of the batch before it is outside any CRC: when it is damaged,
+        ``pos`` points into garbage), else None."""
+        raw = self._raw
+        if len(raw) < pos + _RECORDS:
+            return None
+        length = struct.unpack_from(">i", raw, pos + _LENGTH)[0]
+        end = pos + _LOG_OVERHEAD + length
+        if length < _RECORDS - _LOG_OVERHEAD or end > len(raw) or raw[pos + _MAGIC] != 2:
+            return None
+        crc = struct.unpack_from(">I", raw, pos + _MAGIC + 1)[0]
+        if crc != calc_crc32c(bytes(raw[pos + _ATTRIBUTES : end])):
+            return None
+        return int(struct.unpack_from(">q", raw, pos)[0])
 
 
 class GuardedPartitionRecords(_ORIGINAL_PARTITION_RECORDS):

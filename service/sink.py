@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic_transport import SerializationError, TransportError
+from elastic_transport import ConnectionError as EsConnectionError
+from elastic_transport import SerializationError, TlsError, TransportError
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch.helpers import async_streaming_bulk
 
@@ -39,8 +40,11 @@ CLUSTER_ERROR_TYPES = frozenset(
         "no_shard_available_action_exception",
         "process_cluster_event_timeout_exception",
         "index_not_found_exception",
+        "index_closed_exception",  # closed for a settings change: open it and writes go on
     }
 )
+# Reasons of otherwise document-looking errors that are about the cluster's state.
+CLUSTER_ERROR_REASONS = ("no write index is defined for alias",)
 
 
 # "... in document with id 'x'. Preview of field's value: 'abc'" (mapping errors)
@@ -163,6 +167,7 @@ class ElasticsearchSink:
         }
         self._configured_chunk_bytes = max_chunk_bytes
         self._clean_writes = 0
+        self._largest_written = 0  # size estimate of the largest document written
 
     async def ensure_index(self, create: bool = True) -> None:
         """Create the index with its mapping when missing; check the vector field when present."""
@@ -299,6 +304,10 @@ class ElasticsearchSink:
                     await asyncio.sleep(0.5 * drops[action.doc_id])
                     pending = [action, *pending]
                     continue
+                if status == _CONNECTION_DROPPED and not self._clearly_oversized(action):
+                    # dropped alone, but no bigger than documents that went through: not its
+                    # size, so not its fault; the caller retries it (Elasticsearch flapping)
+                    raise SinkUnavailable(f"a bulk request of one document failed: {detail}")
                 reason = "request_too_large" if status == 413 else "request_rejected"
                 what = (
                     "dropped the connection of"
@@ -316,6 +325,12 @@ class ElasticsearchSink:
         if clean:
             self._grow_chunk_bytes()
         return outcome
+
+    def _clearly_oversized(self, action: Action) -> bool:
+        """Is ``action`` much bigger than any document written since the start? Only then is a
+        dropped connection for it alone taken as a body-size limit (a proxy's) and the document
+        dead-lettered; otherwise the failure is the cluster's and it is retried."""
+        return self._largest_written > 0 and _size_estimate(action) > 2 * self._largest_written
 
     def _grow_chunk_bytes(self) -> None:
         """After ``_GROW_AFTER`` batches written without a refusal, double the bulk size again
@@ -374,6 +389,7 @@ class ElasticsearchSink:
                         outcome.deleted.append(action)
                     else:
                         outcome.indexed.append(action)
+                        self._largest_written = max(self._largest_written, _size_estimate(action))
                 elif "exception" in info:  # the whole request failed, not this item
                     if status in DOCUMENT_FAULT_STATUSES:
                         refused.append((action, int(status), _request_error(info)))
@@ -386,7 +402,11 @@ class ElasticsearchSink:
                     outcome.stale_details[action.doc_id] = _error_reason(info)[1]
                 else:
                     reason, detail = _error_reason(info)
-                    if status in DOCUMENT_FAULT_STATUSES and reason not in CLUSTER_ERROR_TYPES:
+                    if (
+                        status in DOCUMENT_FAULT_STATUSES
+                        and reason not in CLUSTER_ERROR_TYPES
+                        and not any(r in detail for r in CLUSTER_ERROR_REASONS)
+                    ):
                         outcome.rejected.append(
                             (action, reason, f"{op} failed ({status}): {detail}")
                         )
@@ -399,7 +419,8 @@ class ElasticsearchSink:
             # A proxy or load balancer that drops the connection of a body over its limit looks
             # like an outage, except that the cluster still answers a small request: then the
             # bulk is split like a 413, instead of retrying the same body forever.
-            if unseen and isinstance(exc, TransportError) and await self.reachable():
+            dropped = isinstance(exc, EsConnectionError) and not isinstance(exc, TlsError)
+            if unseen and dropped and await self.reachable():  # never on a timeout: slow != big
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 if options["chunk_size"] == 1:  # the failed request held the first unseen one
                     return [*refused, (unseen[0], _CONNECTION_DROPPED, detail)], unseen[1:]
@@ -408,6 +429,13 @@ class ElasticsearchSink:
         if len(seen) != len(by_id):  # defensive: never let an item go unaccounted
             outcome.retry.extend((by_id[i], "no_result") for i in set(by_id) - seen)
         return refused, []
+
+
+def _size_estimate(action: Action) -> int:
+    """About the bytes of an upsert in a bulk body (text + source + vector), cheaply."""
+    if isinstance(action, Delete):
+        return 64
+    return 2 * len(action.text) + 24 * len(action.vector or ()) + 256
 
 
 def _request_error(info: dict[str, Any]) -> str:

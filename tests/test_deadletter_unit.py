@@ -13,7 +13,12 @@ def test_the_records_own_error_and_source_headers_are_replaced_by_ours() -> None
         RecordRef("t", 2, 41, 1_700_000_000_000),
         b"k",
         b"v",
-        [("error.reason", b"spoofed"), ("source.offset", b"999"), ("trace", b"abc")],
+        [
+            ("error.reason", b"spoofed"),
+            ("source.offset", b"999"),
+            ("trace", b"abc"),
+            ("source.system", b"crm"),  # not one of ours: kept
+        ],
         "invalid_json",
         "value is not JSON",
     )
@@ -22,7 +27,7 @@ def test_the_records_own_error_and_source_headers_are_replaced_by_ours() -> None
     assert keys.count("error.reason") == 1 and keys.count("source.offset") == 1
     assert dict(headers)["error.reason"] == b"invalid_json"
     assert dict(headers)["source.offset"] == b"41"
-    assert headers[0] == ("trace", b"abc")  # the record's other headers stay, in front
+    assert headers[:2] == [("trace", b"abc"), ("source.system", b"crm")]  # kept, in front
 
 
 def test_a_bare_letter_keeps_only_our_headers_and_says_what_was_left_out() -> None:

@@ -121,7 +121,8 @@ def test_a_crc_mismatch_costs_exactly_its_batch() -> None:
     bad = bytearray(batch(2, 3))
     bad[-1] ^= 0xFF  # the value's last byte; the CRC no longer matches
     got = read(batch(0, 2) + bytes(bad) + batch(5, 1))
-    assert describe(got) == [(0, "v0"), (1, "v1"), (4, "unreadable_batch"), (5, "v0")]
+    # the rest of the fetch is left for the next one (from offset 5): nothing skipped
+    assert describe(got) == [(0, "v0"), (1, "v1"), (4, "unreadable_batch")]
 
 
 def test_a_corrupt_compressed_payload_costs_exactly_its_batch() -> None:
@@ -155,7 +156,7 @@ def test_a_crc_mismatch_does_not_trust_the_offsets_in_the_damaged_header() -> No
     bad = bytearray(kafka_batches.batch(1, [(0, 0, b"k", b"b1", []), (1, 0, b"k", b"b2", [])]))
     struct.pack_into(">i", bad, 23, 1_000_000)
     got = read(one(0, b"g0") + bytes(bad) + one(3, b"g3"))
-    assert describe(got) == [(0, "g0"), (2, "unreadable_batch"), (3, "g3")]
+    assert describe(got) == [(0, "g0"), (2, "unreadable_batch")]  # then a new fetch from 3
     marker = unreadable(list(got[1].headers))
     assert marker is not None and (marker.first_offset, marker.last_offset) == (1, 2)
 
@@ -165,7 +166,7 @@ def test_a_damaged_transaction_marker_does_not_escape_the_guard() -> None:
     marker = bytearray(kafka_batches.control_batch(1, 7, abort=False))
     marker[-1] ^= 0xFF  # fails its CRC
     got = read_committed(txn + bytes(marker) + one(2, b"g2"))
-    assert describe(got) == [(0, "t0"), (1, "unreadable_batch"), (2, "g2")]
+    assert describe(got) == [(0, "t0"), (1, "unreadable_batch")]  # then a new fetch from 2
 
 
 def test_an_unparsable_transaction_marker_is_taken_as_abort() -> None:
@@ -186,3 +187,37 @@ def test_a_null_header_key_costs_exactly_its_record() -> None:
     got = read(data + one(2, b"g2"))
     assert describe(got) == [(0, "invalid_header"), (1, "GOOD-c1"), (2, "g2")]
     assert got[0].key == b"a" and got[0].value == b"c0"
+
+
+def test_a_damaged_abort_marker_does_not_hide_later_committed_data() -> None:
+    """Producer 7's transaction at 0 is aborted; its ABORT marker at 1 fails its CRC. Reading on
+    with producer 7 still "aborted" skipped its committed transaction at 2..3: the fetch stops
+    at the damaged marker, and the next one (from 2, with the broker's aborted list for that
+    range) reads the committed data."""
+    aborted = kafka_batches.batch(0, [(0, 0, b"k", b"ab", [])], transactional=True, producer_id=7)
+    abort = bytearray(kafka_batches.control_batch(1, 7, abort=True))
+    abort[-1] ^= 0xFF
+    committed = kafka_batches.batch(2, [(0, 0, b"k", b"c2", [])], transactional=True, producer_id=7)
+    commit = kafka_batches.control_batch(3, 7, abort=False)
+    record_guard.install()
+    first = fetcher.PartitionRecords(
+        TP, fetcher.MemoryRecords(aborted + bytes(abort) + committed + commit), [(7, 0)], 0,
+        None, None, True, READ_COMMITTED,
+    )  # fmt: skip
+    assert describe(list(first)) == [(1, "unreadable_batch")]
+    assert first.next_fetch_offset == 2
+    second = fetcher.PartitionRecords(
+        TP, fetcher.MemoryRecords(committed + commit), [], 2, None, None, True, READ_COMMITTED
+    )
+    assert describe(list(second)) == [(2, "c2")]
+
+
+def test_a_damaged_length_field_does_not_let_the_marker_cover_good_records() -> None:
+    """The batch length is outside every CRC: 16 bytes short, the next 'batch' starts in the
+    middle of the payload. The marker covers the damaged batch's first offset only."""
+    bad = bytearray(kafka_batches.batch(1, [(0, 0, b"k", b"b1", []), (1, 0, b"k", b"b2", [])]))
+    struct.pack_into(">i", bad, 8, struct.unpack_from(">i", bad, 8)[0] - 16)
+    got = read(one(0, b"g0") + bytes(bad) + one(3, b"g3") + one(4, b"g4"))
+    assert describe(got)[0] == (0, "g0")
+    markers = [unreadable(list(r.headers)) for r in got[1:]]
+    assert all(m is not None and m.last_offset <= 2 for m in markers), markers

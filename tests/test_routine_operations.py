@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,6 +40,16 @@ from service_support import (
 from service.messages import META_FIELD, OFFSET_VERSION_BITS
 
 pytestmark = pytest.mark.integration
+
+
+def dead_letters(svc: Any) -> float:
+    """Dead letters of every reason so far."""
+    return sum(
+        sample.value
+        for family in svc.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "sparse_ingest_documents_dead_lettered_total"
+    )
 
 
 async def stored(es: AsyncElasticsearch, index: str) -> dict[str, dict[str, Any]]:
@@ -203,11 +214,15 @@ async def body_limit_proxy(
 ) -> AsyncIterator[tuple[str, list[int]]]:
     """A reverse proxy to Elasticsearch that refuses a request body over ``limit`` bytes: with
     413 (as nginx does, in HTML), or ``how="drop"``: by dropping the connection (as some load
-    balancers do). Yields its URL and the sizes of the bodies it refused."""
+    balancers do). Yields its URL and the sizes of the bodies it refused. ``how="slow"``: every
+    bulk request waits 5 s first; yields the list holding that delay (empty it: fast again)."""
     refused: list[int] = []
+    slow = [5.0]  # how="slow": each bulk waits this long (cleared by the caller: fast again)
     session = aiohttp.ClientSession()
 
     async def forward(request: web.Request) -> web.Response:
+        if how == "slow" and request.path.endswith("/_bulk") and slow:
+            await asyncio.sleep(slow[0])  # longer than the client's request timeout
         if how == "drop" and (request.content_length or 0) > limit:
             refused.append(request.content_length or 0)
             assert request.transport is not None
@@ -247,7 +262,7 @@ async def body_limit_proxy(
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", refused
+        yield f"http://127.0.0.1:{port}", refused if how != "slow" else slow
     finally:
         await runner.cleanup()
         await session.close()
@@ -291,3 +306,68 @@ async def test_a_proxy_body_limit_splits_bulks_and_dead_letters_only_the_oversiz
     assert any(
         "refused a bulk request as too large (413)" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_slow_elasticsearch_is_waited_out_not_dead_lettered(
+    kafka_bootstrap: str,
+    es_url: str,
+    topic: str,
+    index_name: str,
+    es: AsyncElasticsearch,
+    default_encoder: Any,
+) -> None:
+    """Bulk requests time out (the cluster is slow, its health answers): the batch is retried,
+    nothing is dead-lettered or committed, and all lands once the cluster is fast again. (A
+    first fix for dropped connections took timeouts for a proxy's body limit.)"""
+    await create_topic(kafka_bootstrap, topic, partitions=1)
+    await produce(kafka_bootstrap, topic, [doc(f"d{i}", f"text {i}") for i in range(4)])
+    async with body_limit_proxy(es_url, 10**9, "slow") as (proxy_url, slow):
+        settings = service_settings(
+            kafka_bootstrap,
+            proxy_url,
+            topic,
+            index_name,
+            es_request_timeout_s=1.0,
+            es_unavailable_backoff_s=0.2,
+        )
+        async with running_service(settings, default_encoder) as svc:
+
+            async def retried() -> bool:
+                labels = {"outcome": "unavailable"}
+                return metric(svc, "sparse_ingest_bulk_requests_total", labels) >= 3
+
+            await wait_until(retried, 120, "three bulk attempts to time out")
+            assert dead_letters(svc) == 0
+            slow.clear()
+            await wait_all_committed(kafka_bootstrap, settings.kafka_group_id, topic)
+            assert metric(svc, "sparse_ingest_documents_indexed_total") == 4
+            assert dead_letters(svc) == 0
+
+
+async def test_a_closed_index_is_waited_out_not_dead_lettered(
+    kafka_bootstrap: str,
+    es_url: str,
+    topic: str,
+    index_name: str,
+    es: AsyncElasticsearch,
+    default_encoder: Any,
+) -> None:
+    """An index closed for a settings change answers each item with index_closed_exception
+    (400): the cluster's state, not the documents' fault."""
+    await create_topic(kafka_bootstrap, topic, partitions=1)
+    settings = service_settings(
+        kafka_bootstrap, es_url, topic, index_name, es_unavailable_backoff_s=0.2
+    )
+    async with running_service(settings, default_encoder) as svc:
+        await es.indices.close(index=index_name)
+        await produce(kafka_bootstrap, topic, [doc(f"d{i}", f"text {i}") for i in range(5)])
+
+        async def refused() -> bool:
+            labels = {"reason": "index_closed_exception"}
+            return metric(svc, "sparse_ingest_bulk_item_errors_total", labels) >= 5
+
+        await wait_until(refused, 120, "the closed index to refuse the batch")
+        await es.indices.open(index=index_name)
+        await wait_all_committed(kafka_bootstrap, settings.kafka_group_id, topic)
+        assert metric(svc, "sparse_ingest_documents_indexed_total") == 5
+        assert dead_letters(svc) == 0
