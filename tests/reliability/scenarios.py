@@ -360,12 +360,16 @@ async def es_rejections(
     noise_s: float = 15.0,
     enough: int = 200,
     client_retries: int = 0,
+    at_least: int = 0,
+    max_noise_s: float = 120.0,
 ) -> FaultResult:
     """Elasticsearch rejecting bulk requests (429, es_rejected_execution_exception) because
     other writers keep its write queue full: the stack runs with ``thread_pool.write.size: 1``
     and ``queue_size: 1``. The noise lasts ``noise_s`` seconds or until the service has had
-    ``enough`` items refused; the service retries (``client_retries`` retries of the client's
-    bulk helper, then its own backoff) until all is written."""
+    ``enough`` items refused, and in any case until it has had ``at_least`` refused (at most
+    ``max_noise_s``: on a busy machine the service may take longer to meet the noise); the
+    service retries (``client_retries`` retries of the client's bulk helper, then its own
+    backoff) until all is written."""
     spec = StreamSpec(docs=docs, seed=env.seed + 4)
     async with setup(env, "es-429", spec) as run:
         result = FaultResult("Elasticsearch 429s")
@@ -398,10 +402,10 @@ async def es_rejections(
                     producing = asyncio.create_task(
                         produce_stream(env.kafka, run.topic, run.stream.records, rate=None)
                     )
-                    deadline = time.monotonic() + noise_s
-                    while time.monotonic() < deadline:
+                    began = time.monotonic()
+                    while (elapsed := time.monotonic() - began) < max_noise_s:
                         refused = sum(_labelled(svc, "sparse_ingest_bulk_item_errors").values())
-                        if refused >= enough:
+                        if refused >= enough or (elapsed >= noise_s and refused >= at_least):
                             break
                         await asyncio.sleep(0.2)
                     result.extra["noise_s"] = round(time.monotonic() - start, 1)
