@@ -27,6 +27,22 @@ from service.sink import IndexConfig
 pytestmark = pytest.mark.integration
 
 
+def _worker(
+    kafka: str, es_url: str, topic: str, index: str, model_dir: Path, work: Path, **extra: object
+) -> FaustWorker:
+    """A Faust worker for ``topic`` -> ``index``, group ``<topic>-faust`` (not started)."""
+    env = faust_env(
+        kafka_bootstrap_servers=kafka,
+        kafka_topics=topic,
+        kafka_group_id=f"{topic}-faust",
+        es_url=es_url,
+        es_index=index,
+        model_dir=model_dir,
+        **extra,
+    )
+    return FaustWorker(env, work)
+
+
 async def _count(es: AsyncElasticsearch, index: str) -> int:
     if not await es.indices.exists(index=index):
         return -1
@@ -49,17 +65,7 @@ async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
     records += [tombstone("f2"), (b"bad", b"{not json", [])]
     await produce(kafka_bootstrap, topic, records)
     group = f"{topic}-faust"
-    worker = FaustWorker(
-        faust_env(
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_topics=topic,
-            kafka_group_id=group,
-            es_url=es_url,
-            es_index=index_name,
-            model_dir=default_model_dir,
-        ),
-        tmp_path,
-    )
+    worker = _worker(kafka_bootstrap, es_url, topic, index_name, default_model_dir, tmp_path)
     worker.start()
     try:
 
@@ -110,17 +116,14 @@ async def test_faust_worker_commits_only_what_was_written_while_elasticsearch_re
     body = IndexConfig(index_name).body()
     await es.indices.create(index=index_name, **body)
     group = f"{topic}-faust"
-    worker = FaustWorker(
-        faust_env(
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_topics=topic,
-            kafka_group_id=group,
-            es_url=es_url,
-            es_index=index_name,
-            model_dir=default_model_dir,
-            es_unavailable_backoff_s=0.2,
-        ),
+    worker = _worker(
+        kafka_bootstrap,
+        es_url,
+        topic,
+        index_name,
+        default_model_dir,
         tmp_path,
+        es_unavailable_backoff_s=0.2,
     )
     first = [doc(f"a{i}", f"written before the block, number {i}") for i in range(10)]
     second = [doc(f"b{i}", f"refused by the block at first, number {i}") for i in range(12)]
@@ -193,17 +196,7 @@ async def test_faust_worker_skips_aborted_transactions_and_reads_past_unreadable
     _kcat(kafka_bootstrap, topic, b"hb", [b"-H", b"\xff\xfe=v"])  # a header key not UTF-8
     _kcat(kafka_bootstrap, topic, b"c3", [])
     group = f"{topic}-faust"
-    worker = FaustWorker(
-        faust_env(
-            kafka_bootstrap_servers=kafka_bootstrap,
-            kafka_topics=topic,
-            kafka_group_id=group,
-            es_url=es_url,
-            es_index=index_name,
-            model_dir=default_model_dir,
-        ),
-        tmp_path,
-    )
+    worker = _worker(kafka_bootstrap, es_url, topic, index_name, default_model_dir, tmp_path)
     worker.start()
     try:
         await wait_all_committed(kafka_bootstrap, group, topic, timeout=120)
