@@ -44,6 +44,7 @@ from encoder.gate import SessionGate
 from service.app import Service
 from service.config import load_settings
 from service.demo_corpus import stdlib_documents
+from service.elastic import delete_index
 from service.eval import create_topic, produce
 
 QUERIES = [
@@ -92,7 +93,7 @@ async def _client(
 async def _clean_up(args: argparse.Namespace, topic: str) -> None:
     es = AsyncElasticsearch(args.es_url)
     try:
-        await es.indices.delete(index=topic, ignore_unavailable=True)
+        await delete_index(es, topic)
     finally:
         await es.close()
     admin = AIOKafkaAdminClient(bootstrap_servers=args.kafka)

@@ -19,8 +19,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from elastic_transport import TlsError
 from elasticsearch import (
+    ApiError,
     AsyncElasticsearch,
     AuthenticationException,
+    AuthorizationException,
     OrjsonSerializer,
 )
 from elasticsearch import (
@@ -30,8 +32,9 @@ from elasticsearch import (
 from service import record_guard
 from service.config import Settings
 from service.deadletter import DeadLetterWriter
+from service.elastic import ClusterInfo, CompatibleTransport, accepted_versions, describe_cluster
 from service.http import HttpApi, HttpLimits
-from service.messages import MessageContract
+from service.messages import MessageContract, vector_fingerprint
 from service.metrics import Metrics
 from service.pipeline import Pipeline, PipelineConfig
 from service.processing import BatchProcessor
@@ -54,9 +57,12 @@ def message_contract(settings: Settings) -> MessageContract:
     )
 
 
-def build_sink(settings: Settings, es: AsyncElasticsearch, model_name: str) -> ElasticsearchSink:
+def build_sink(settings: Settings, es: AsyncElasticsearch, encoder: Any) -> ElasticsearchSink:
+    """The sink for ``encoder``'s vectors (its name and fingerprint go with each document and
+    in the index's ``_meta``)."""
     s = settings
-    return ElasticsearchSink(
+    model_name = str(encoder.metadata.name)
+    sink = ElasticsearchSink(
         es,
         IndexConfig(
             index=s.es_index,
@@ -74,6 +80,25 @@ def build_sink(settings: Settings, es: AsyncElasticsearch, model_name: str) -> E
         initial_backoff=s.es_bulk_initial_backoff_s,
         max_backoff=s.es_bulk_max_backoff_s,
     )
+    sink.fingerprint = vector_fingerprint(
+        model_name, str(getattr(encoder, "fingerprint", "")), s.es_prune_below
+    )
+    return sink
+
+
+async def open_index(sink: ElasticsearchSink, settings: Settings) -> str:
+    """:meth:`ElasticsearchSink.ensure_index`, its errors as :class:`StartupError`."""
+    try:
+        return await sink.ensure_index(create=settings.es_create_index)
+    except ValueError as exc:  # missing and not to be created, wrong mapping, other model
+        raise StartupError(str(exc)) from None
+    except AuthorizationException as exc:
+        raise StartupError(
+            f"Elasticsearch refused to {'create' if settings.es_create_index else 'read'} "
+            f"index {settings.es_index!r} for this user ({exc.message}): grant the index "
+            "privileges of README: Least privilege, or create the index and alias with an "
+            "administrator and set SPARSE_INGEST_ES_CREATE_INDEX=false"
+        ) from None
 
 
 class StartupError(RuntimeError):
@@ -94,7 +119,8 @@ def elasticsearch_client(settings: Settings) -> AsyncElasticsearch:
         kwargs["ca_certs"] = str(settings.es_ca_certs)
     if settings.es_url.startswith("https"):
         kwargs["verify_certs"] = settings.es_verify_certs
-    return AsyncElasticsearch(settings.es_url, **kwargs)
+    # negotiates the REST API version with 8.x and 9.x servers (service.elastic)
+    return AsyncElasticsearch(settings.es_url, transport_class=CompatibleTransport, **kwargs)
 
 
 def kafka_security(settings: Settings) -> dict[str, Any]:
@@ -179,16 +205,13 @@ def load_encoder(settings: Settings) -> Any:
     )
 
 
-async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) -> str:
-    """Return the cluster version, or raise :class:`StartupError` saying what to fix."""
+async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) -> ClusterInfo:
+    """The server's version, or :class:`StartupError` saying what to fix. Needs no cluster
+    privilege (README: Least privilege): without ``monitor`` only the major version is known."""
     try:
-        # Not `GET /` (info) or `HEAD /` (ping): their handler lives in the rest-root module,
-        # which minimal distributions (such as the integ-test zip) leave out.
         # One attempt, no retries: the client logs a traceback per retry, which would bury
         # the one line that says what to fix.
-        quick = client.options(max_retries=0)
-        await quick.cluster.health()
-        nodes = await quick.nodes.info(node_id="_local", metric="process")
+        info = await describe_cluster(client)
     except AuthenticationException:
         raise StartupError(
             f"Elasticsearch at {settings.es_url_redacted} refused the credentials: check "
@@ -206,8 +229,23 @@ async def check_elasticsearch(client: AsyncElasticsearch, settings: Settings) ->
             f"cannot reach Elasticsearch at {settings.es_url_redacted} (SPARSE_INGEST_ES_URL){hint}: "
             f"{type(exc).__name__}: {detail}"
         ) from None
-    versions = {n.get("version", "?") for n in nodes.body.get("nodes", {}).values()}
-    return ", ".join(sorted(versions)) or "unknown"
+    except ApiError as exc:
+        refused = accepted_versions(exc.meta.status, exc.body)
+        why = (
+            f"it speaks REST API versions {'/'.join(map(str, refused))} only"
+            if refused
+            else f"{exc.meta.status} {exc.message}"
+        )
+        raise StartupError(
+            f"Elasticsearch at {settings.es_url_redacted} refused the client ({why}): "
+            "sparse-ingest works with Elasticsearch 8.11 and later (8.x, 9.x)"
+        ) from None
+    if info.too_old():
+        raise StartupError(
+            f"{info.describe()} at {settings.es_url_redacted} is too old: sparse_vector fields "
+            "need Elasticsearch 8.11 or later (8.x, 9.x); upgrade the cluster"
+        )
+    return info
 
 
 async def ensure_dead_letter_topic(settings: Settings, producer: AIOKafkaProducer) -> None:
@@ -266,6 +304,9 @@ class Service:
         self.producer: AIOKafkaProducer | None = None
         self.pipeline: Pipeline | None = None
         self.searcher: Searcher | None = None
+        self.cluster: ClusterInfo | None = None
+        self.index: str | None = None  # the index written (settings.es_index or behind it)
+        self._es_monitor = True  # the user may read cluster health (else: index checks)
         self._runner: web.AppRunner | None = None
         self._pipeline_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
@@ -283,11 +324,15 @@ class Service:
             self.metrics.cpu_info.info({k: str(v).lower() for k, v in cpu_features().items()})
 
         self.es = elasticsearch_client(s)
-        version = await check_elasticsearch(self.es, s)
-        log.info("Elasticsearch %s at %s", version, s.es_url_redacted)
-        sink = build_sink(s, self.es, meta.name)
-        await sink.ensure_index(create=s.es_create_index)
-        self.searcher = Searcher(self.es, s.es_index, s.es_vector_field, s.text_fields)
+        self.cluster = await check_elasticsearch(self.es, s)
+        log.info("%s at %s", self.cluster.describe(), s.es_url_redacted)
+        sink = build_sink(s, self.es, encoder)
+        self.index = await open_index(sink, s)
+        if self.index != s.es_index:
+            log.info("writing and searching index %s (alias %s)", self.index, s.es_index)
+        # search the index written, whose vectors come from this model (not what the alias
+        # may point at after a reindex)
+        self.searcher = Searcher(self.es, self.index, s.es_vector_field, s.text_fields)
 
         if consume:
             await self._start_kafka(sink, encoder)
@@ -416,9 +461,22 @@ class Service:
 
     async def _check_es(self) -> tuple[bool, str]:
         assert self.es is not None
-        health = await asyncio.wait_for(self.es.cluster.health(), 5)
-        status = str(health.get("status"))
-        return status in ("green", "yellow"), f"{self.settings.es_url_redacted} cluster {status}"
+        where = self.settings.es_url_redacted
+        if self._es_monitor:
+            try:
+                health = await asyncio.wait_for(self.es.cluster.health(), 5)
+            except AuthorizationException:
+                self._es_monitor = False  # least privilege: no cluster health, check the index
+            else:
+                status = str(health.get("status"))
+                return status in ("green", "yellow"), f"{where} cluster {status}"
+        await asyncio.wait_for(
+            self.es.search(
+                index=self.index or self.settings.es_index, size=0, track_total_hits=False
+            ),
+            5,
+        )
+        return True, f"{where} index {self.index} answers (no monitor privilege: health unknown)"
 
     async def _check_kafka(self) -> tuple[bool, str]:
         if self.consumer is None:

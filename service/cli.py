@@ -6,6 +6,7 @@ function, so this module only wires them together:
 - ``encoder.cli``: ``model export``, ``model fetch-default``, ``encode``
 - ``deploy.local.cli``: ``stack up|down|status``
 - ``service.commands``: ``run``, ``search``, ``demo``
+- ``service.reindex``: ``reindex``, ``index status|retire``
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _CONTRIBUTORS = (
     "service.faust_runner",
     "service.demo",
     "service.eval",
+    "service.reindex",
 )
 
 

@@ -163,10 +163,11 @@ async def _run(
     assert svc.es is None
     _say(f"\n== 3. ingest service: topic {topic!r} -> index 'demo-docs' (recreated)")
     from service.app import elasticsearch_client
+    from service.elastic import delete_index
 
     es = elasticsearch_client(settings)
     with contextlib.suppress(Exception):
-        await es.indices.delete(index="demo-docs")
+        await delete_index(es, "demo-docs")
     await svc.start()
     _say(f"   HTTP API on http://127.0.0.1:{svc.http_port} (/metrics /readyz /encode /search)")
     try:

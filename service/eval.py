@@ -42,6 +42,7 @@ from elasticsearch import AsyncElasticsearch
 
 from service.app import Service, elasticsearch_client, message_contract
 from service.config import Settings, load_settings
+from service.elastic import delete_index
 from service.eval_metrics import evaluate
 from service.messages import RecordRef, Upsert, decode_record
 from service.search import Searcher, rrf, sparse_query
@@ -450,7 +451,7 @@ async def bm25_beir_setup(
         await asyncio.gather(*(one(q, t) for q, t in data.queries.items()))
         return {**evaluate(run, data.qrels), "analyzer": used}
     finally:
-        await es.options(ignore_status=404).indices.delete(index=index)
+        await delete_index(es, index)
 
 
 # ------------------------------------------------------------------------------ brute force
@@ -642,7 +643,7 @@ async def run_eval(
         try:
             runs = await search_all(es, settings, data.queries, qvecs)
             if not config.keep_indices:
-                await es.options(ignore_status=404).indices.delete(index=name)
+                await delete_index(es, name)
         finally:
             await es.close()
         metrics = _metrics(runs, data.qrels)

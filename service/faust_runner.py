@@ -101,16 +101,16 @@ async def preflight(settings: Settings) -> None:
         ensure_dead_letter_topic,
         kafka_connection_error,
         kafka_security,
+        load_encoder,
+        open_index,
     )
 
     s = settings
     es = elasticsearch_client(s)
     try:
         await check_elasticsearch(es, s)
-        try:
-            await build_sink(s, es, "").ensure_index(create=s.es_create_index)
-        except ValueError as exc:  # a missing index that may not be created, a wrong mapping
-            raise StartupError(str(exc)) from None
+        encoder = await asyncio.to_thread(load_encoder, s)  # the index is made for its vectors
+        await open_index(build_sink(s, es, encoder), s)
     finally:
         await es.close()
     producer = AIOKafkaProducer(
@@ -231,9 +231,11 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
         )
         try:
             await producer.start()
+            sink = build_sink(settings, es, loaded)
+            await sink.ensure_index(create=False)  # made by preflight; resolves the alias
             processor = BatchProcessor(
                 loaded,
-                build_sink(settings, es, loaded.metadata.name),
+                sink,
                 DeadLetterWriter(
                     producer, settings.dead_letter_topic, dead_letter_max_value(settings)
                 ),

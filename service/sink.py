@@ -20,7 +20,7 @@ from typing import Any
 
 from elastic_transport import ConnectionError as EsConnectionError
 from elastic_transport import SerializationError, TlsError, TransportError
-from elasticsearch import ApiError, AsyncElasticsearch
+from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError
 from elasticsearch.helpers import async_streaming_bulk
 
 from service.messages import META_FIELD, Action, Delete, Upsert
@@ -58,6 +58,16 @@ _GROW_AFTER = 50
 _MIN_CHUNK_BYTES = 16 * 1024
 
 
+def versioned_index(alias: str, fingerprint: str) -> str:
+    """The index made behind ``alias`` for the vectors of one model: ``<alias>-<fingerprint>``
+    (the same name on every replica, so that two starting at once make one index)."""
+    return f"{alias}-{fingerprint[:12] or 'index'}"
+
+
+class ModelMismatchError(ValueError):
+    """The index holds another model's vectors."""
+
+
 class SinkUnavailable(Exception):
     """Elasticsearch could not take the batch now; retry later (nothing is lost)."""
 
@@ -72,7 +82,9 @@ class IndexConfig:
     refresh_interval: str = "1s"
     prune_below: float = 0.0
 
-    def body(self) -> dict[str, Any]:
+    def body(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Settings and mappings of a new index; ``meta``: the mapping's ``_meta.sparse_ingest``
+        (which model wrote the index: the service checks it at start)."""
         properties: dict[str, Any] = {
             self.vector_field: {"type": "sparse_vector"},
             META_FIELD: {
@@ -96,7 +108,8 @@ class IndexConfig:
                 "number_of_replicas": self.number_of_replicas,
                 "refresh_interval": self.refresh_interval,
             },
-            "mappings": {"properties": properties},
+            "mappings": {"properties": properties}
+            | ({"_meta": {META_FIELD: meta}} if meta else {}),
         }
 
 
@@ -168,44 +181,121 @@ class ElasticsearchSink:
         self._configured_chunk_bytes = max_chunk_bytes
         self._clean_writes = 0
         self._largest_written = 0  # size estimate of the largest document written
+        # the index written and read: config.index, or the write index behind that alias
+        # (resolved by ensure_index)
+        self.target = config.index
 
-    async def ensure_index(self, create: bool = True) -> None:
-        """Create the index with its mapping when missing; check the vector field when present."""
-        index = self.config.index
-        if await self.client.indices.exists(index=index):
-            mapping = await self.client.indices.get_mapping(index=index)
-            for name, body in mapping.body.items():
-                props = body.get("mappings", {}).get("properties", {})
-                kind = props.get(self.config.vector_field, {}).get("type")
-                if kind not in (None, "sparse_vector"):
-                    raise ValueError(
-                        f"index {name!r} maps field {self.config.vector_field!r} as {kind!r}, "
-                        "not 'sparse_vector': choose another SPARSE_INGEST_ES_VECTOR_FIELD or index"
-                    )
-                if kind is None:
-                    await self.client.indices.put_mapping(
-                        index=name,
-                        properties={self.config.vector_field: {"type": "sparse_vector"}},
-                    )
-            return
-        if not create:
-            raise ValueError(
-                f"index {index!r} does not exist and SPARSE_INGEST_ES_CREATE_INDEX is false"
+    async def ensure_index(self, create: bool = True) -> str:
+        """Find (or create) the index this process writes and searches, and return its name.
+
+        ``config.index`` is an alias (what ``sparse-ingest`` creates: a versioned index
+        ``<alias>-<vector fingerprint>`` behind the alias, README: Changing the model) or an
+        index (made by an earlier release, or by hand): both work. Behind an alias, the write
+        index is resolved once, here: an alias swapped by ``sparse-ingest reindex`` while this
+        process runs does not make it write another model's vectors into the new index. The
+        index's mapping must hold a ``sparse_vector`` field, and an index made by this service
+        must come from the same model (``_meta``): one index never mixes two models' vectors.
+        """
+        name = self.config.index
+        found = await self._resolve(name)
+        if found is None:
+            if not create:
+                raise ValueError(
+                    f"index or alias {name!r} does not exist and SPARSE_INGEST_ES_CREATE_INDEX "
+                    "is false: create it (README: Least privilege), or allow the service to"
+                )
+            await self._create(name)
+            found = await self._resolve(name)
+            if found is None:
+                raise ValueError(
+                    f"index {versioned_index(name, self.fingerprint)!r} exists but alias {name!r} "
+                    "does not point at it: a reindex left unfinished? Finish it "
+                    "(`sparse-ingest reindex`) or delete that index"
+                )
+        target, body = found
+        self._check_model(target, body)
+        if self._vector_unmapped(target, body):  # an index made by hand: add the field
+            await self.client.indices.put_mapping(
+                index=target, properties={self.config.vector_field: {"type": "sparse_vector"}}
             )
-        body = self.config.body()
+        self.target = target
+        return target
+
+    async def _resolve(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The index behind ``name`` (itself, or an alias's write index) and its description;
+        None when neither exists."""
+        try:
+            resp = await self.client.indices.get(index=name)
+        except NotFoundError:
+            return None
+        indices: dict[str, Any] = dict(resp.body)
+        if name in indices:
+            return name, indices[name]
+        writers = [
+            index
+            for index, body in indices.items()
+            if body.get("aliases", {}).get(name, {}).get("is_write_index")
+        ]
+        if not writers and len(indices) == 1:
+            writers = list(indices)
+        if len(writers) != 1:
+            raise ValueError(
+                f"alias {name!r} points at {sorted(indices)} and none is its write index: "
+                f"give one `is_write_index: true`, or set SPARSE_INGEST_ES_INDEX to one index"
+            )
+        return writers[0], indices[writers[0]]
+
+    async def _create(self, alias: str) -> None:
+        index = versioned_index(alias, self.fingerprint)
+        body = self.config.body(self.index_meta(alias))
         try:
             await self.client.indices.create(
-                index=index, settings=body["settings"], mappings=body["mappings"]
+                index=index,
+                settings=body["settings"],
+                mappings=body["mappings"],
+                aliases={alias: {"is_write_index": True}},
             )
-            log.info("created index %s", index)
-        except Exception as exc:  # another replica may have created it first
+            log.info("created index %s behind alias %s", index, alias)
+        except ApiError as exc:  # another replica may have created it first
             if "resource_already_exists_exception" not in str(exc):
                 raise
+
+    def index_meta(self, alias: str) -> dict[str, Any]:
+        return {
+            "alias": alias,
+            "model": self.model_name,
+            "model_fingerprint": self.fingerprint,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    def _vector_unmapped(self, index: str, body: dict[str, Any]) -> bool:
+        props = body.get("mappings", {}).get("properties", {})
+        kind = props.get(self.config.vector_field, {}).get("type")
+        if kind not in (None, "sparse_vector"):
+            raise ValueError(
+                f"index {index!r} maps field {self.config.vector_field!r} as {kind!r}, "
+                "not 'sparse_vector': choose another SPARSE_INGEST_ES_VECTOR_FIELD or index"
+            )
+        return kind is None
+
+    def _check_model(self, index: str, body: dict[str, Any]) -> None:
+        meta = body.get("mappings", {}).get("_meta", {}).get(META_FIELD, {})
+        stored = meta.get("model_fingerprint") if isinstance(meta, dict) else None
+        if stored and self.fingerprint and stored != self.fingerprint:
+            raise ModelMismatchError(
+                f"index {index!r} holds the vectors of model {meta.get('model')!r} (fingerprint "
+                f"{stored}); this process runs {self.model_name!r} ({self.fingerprint}). One "
+                "index never mixes two models: to change the model run `sparse-ingest reindex "
+                "--model DIR` (README: Changing the model); to keep the old one set "
+                "SPARSE_INGEST_MODEL_DIR back to it"
+            )
 
     async def reachable(self, within_s: float = 2.0) -> bool:
         """Does Elasticsearch answer (cluster health) within ``within_s`` seconds?"""
         try:
-            await self.client.options(request_timeout=within_s).cluster.health()
+            await self.client.options(request_timeout=within_s, max_retries=0).cluster.health()
+        except ApiError:
+            return True  # it answered (a 403: no monitor privilege, README: Least privilege)
         except Exception:
             return False
         return True
@@ -214,17 +304,12 @@ class ElasticsearchSink:
         """Content hash and vector of the stored documents with these ids (those that exist)."""
         if not ids:
             return {}
-        # Elasticsearch 9 leaves vectors out of _source unless asked; the client's mget() has
-        # no argument for it, so the request is made directly. mget is real-time (no refresh).
-        resp = await self.client.perform_request(
-            "POST",
-            f"/{self.config.index}/_mget",
-            params={
-                "_source_includes": f"{META_FIELD}.content_hash,{self.config.vector_field}",
-                "_source_exclude_vectors": "false",
-            },
-            headers={"accept": "application/json", "content-type": "application/json"},
-            body={"ids": list(ids)},
+        # Elasticsearch 9 leaves vectors out of _source unless named in _source_includes (its
+        # _source_exclude_vectors is unknown to 8.x). mget is real-time (no refresh needed).
+        resp = await self.client.mget(
+            index=self.target,
+            ids=list(ids),
+            source_includes=[f"{META_FIELD}.content_hash", self.config.vector_field],
         )
         found: dict[str, tuple[str, dict[str, float]]] = {}
         for doc in resp.body.get("docs", []):
@@ -239,7 +324,7 @@ class ElasticsearchSink:
 
     def _bulk_action(self, action: Action, now: str) -> dict[str, Any]:
         head: dict[str, Any] = {
-            "_index": self.config.index,
+            "_index": self.target,
             "_id": action.doc_id,
             "version": action.version,
             # a change written again (a replay, a redelivery) replaces itself, so that replaying

@@ -42,6 +42,7 @@ from reliability_harness import (
 from deploy.local import LocalStack
 from service.app import Service
 from service.config import Settings, load_settings
+from service.elastic import delete_index
 
 MB = 1024 * 1024
 
@@ -137,9 +138,7 @@ async def setup(env: Env, fault: str, spec: StreamSpec, **topic_config: str) -> 
         finally:  # keep the shared node lean (the figures are in the result)
             with contextlib.suppress(Exception):
                 async with env.es() as fresh:
-                    await asyncio.wait_for(
-                        fresh.options(ignore_status=404).indices.delete(index=index), 30
-                    )
+                    await asyncio.wait_for(delete_index(fresh, index), 30)
 
 
 async def finish(
@@ -417,7 +416,7 @@ async def es_rejections(
             finally:
                 stop.set()
                 await asyncio.gather(*noise, return_exceptions=True)
-                await noise_es.options(ignore_status=404).indices.delete(index=noise_index)
+                await delete_index(noise_es, noise_index)
         result.wall_s = time.monotonic() - start
         rejected = await _write_rejections(run.es) - pool_before
         result.extra.update(

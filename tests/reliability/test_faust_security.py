@@ -16,6 +16,7 @@ from reliability_harness import create_topic, topic_partitions, wait_committed
 from service_support import doc, produce, read_topic, tombstone, wait_until
 
 from deploy.local import LocalStack
+from service.elastic import delete_index
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -84,7 +85,7 @@ async def test_faust_worker_over_sasl_ssl_indexes_dead_letters_and_commits(
             assert secret not in logs, "a password is in the worker's output"
     finally:
         await worker.stop()
-        await es.options(ignore_status=404).indices.delete(index=index)
+        await delete_index(es, index)
         await es.close()
 
 
@@ -139,4 +140,4 @@ async def test_faust_worker_refuses_to_start_with_a_clear_error(
     for secret in (password, wrong, info.es_auth[1]):
         assert secret not in output, "a password is in the output"
     async with fault_env.es() as es:
-        await es.options(ignore_status=404).indices.delete(index=name)
+        await delete_index(es, name)

@@ -42,6 +42,7 @@ from reliability_harness import (
 )
 
 from deploy.local import LocalStack
+from service.elastic import delete_index
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +211,7 @@ async def test_sigterm_while_elasticsearch_is_down_exits_in_time_and_leaves_the_
     finally:
         service.kill()
         async with env.es() as es:
-            await es.options(ignore_status=404).indices.delete(index=index)
+            await delete_index(es, index)
 
 
 class Sender:
@@ -372,4 +373,4 @@ async def test_memory_stays_bounded_while_blocked_and_across_rebalances(
             with contextlib.suppress(Exception):
                 await sender.task
         async with env.es() as es:
-            await es.options(ignore_status=404).indices.delete(index=index)
+            await delete_index(es, index)

@@ -7,6 +7,8 @@ import pytest
 import scenarios
 from reliability_harness import create_topic, produce_stream, read_all, wait_committed
 
+from service.elastic import delete_index
+
 pytestmark = pytest.mark.integration
 
 
@@ -51,7 +53,7 @@ async def test_dead_letter_too_large_for_its_topic_is_sent_without_its_value(
     async with rel_env.es() as es:
         await es.indices.refresh(index=index)
         assert (await es.count(index=index))["count"] == 5
-        await es.indices.delete(index=index)
+        await delete_index(es, index)
 
 
 @pytest.mark.timeout(120)
@@ -82,4 +84,4 @@ async def test_dead_letter_too_large_even_without_its_value_is_sent_bare(
     async with rel_env.es() as es:
         await es.indices.refresh(index=index)
         assert (await es.count(index=index))["count"] == 2
-        await es.indices.delete(index=index)
+        await delete_index(es, index)

@@ -1,0 +1,192 @@
+"""The Elasticsearch client for 8.x and 9.x servers, and what the service learns at start.
+
+elasticsearch-py 9 asks every request to be answered in REST API version 9
+(``Accept: application/vnd.elasticsearch+json; compatible-with=9``); an 8.x server refuses
+that (``400 media_type_header_exception: Accept version must be either version 8 or 7``).
+:class:`CompatibleTransport` negotiates instead: its first request says what the client
+speaks, and when the server answers with the versions it accepts, every request from then on
+asks for the newest of those (9.x accepts ``compatible-with=8`` too, so a server upgraded from
+8 to 9 under a running service goes on working; one upgraded past what the client asks for is
+renegotiated on the first refusal).
+
+:func:`describe_cluster` finds the server's version without any cluster privilege where it can
+(``GET /``, the ``monitor`` privilege, or the API version negotiated): the service runs with
+index privileges only (README: Least privilege).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from elastic_transport import AsyncTransport, HttpHeaders, TransportApiResponse
+from elasticsearch import ApiError, AsyncElasticsearch
+from elasticsearch import __versionstr__ as CLIENT_VERSION
+
+log = logging.getLogger(__name__)
+
+CLIENT_MAJOR = int(CLIENT_VERSION.partition(".")[0])
+# sparse_vector fields exist since 8.11
+MIN_VERSION = (8, 11)
+_COMPATIBLE_WITH = re.compile(r"compatible-with=\d+")
+_ACCEPTED = re.compile(r"must be either version (\d+) or (\d+)")
+
+
+def accepted_versions(status: int, body: Any) -> tuple[int, ...]:
+    """The REST API versions a server names when it refuses the one asked for (empty when the
+    response is not such a refusal)."""
+    if status != 400 or not isinstance(body, dict):
+        return ()
+    error = body.get("error")
+    if not isinstance(error, dict) or error.get("type") != "media_type_header_exception":
+        return ()
+    cause = error.get("caused_by")
+    reason = str(cause.get("reason", "")) if isinstance(cause, dict) else ""
+    match = _ACCEPTED.search(reason or str(error.get("reason", "")))
+    return tuple(sorted({int(g) for g in match.groups()}, reverse=True)) if match else ()
+
+
+class CompatibleTransport(AsyncTransport):
+    """A transport that asks for the REST API version the server accepts (see the module)."""
+
+    compatible_with: int | None = None  # None: what the client asks for (its major)
+    refused: tuple[int, ...] = ()  # versions the server named when it refused ours
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negotiated = False
+        self._lock = asyncio.Lock()
+
+    def _with_version(self, headers: Any) -> Any:
+        if self.compatible_with is None or not isinstance(headers, dict | HttpHeaders):
+            return headers
+        out = HttpHeaders(headers)
+        for name in ("accept", "content-type"):
+            value = out.get(name)
+            if value and "compatible-with=" in value:
+                out[name] = _COMPATIBLE_WITH.sub(f"compatible-with={self.compatible_with}", value)
+        return out
+
+    async def perform_request(  # type: ignore[override]
+        self, method: str, target: str, *, headers: Any = None, **kwargs: Any
+    ) -> TransportApiResponse:
+        if headers is None:
+            headers = HttpHeaders()
+        if not self._negotiated and method == "HEAD":
+            # a refused HEAD has no body to say which versions would do: ask with a GET first
+            await self.negotiate(headers)
+        response = await super().perform_request(
+            method, target, headers=self._with_version(headers), **kwargs
+        )
+        versions = accepted_versions(response.meta.status, response.body)
+        if versions and versions[0] != self.compatible_with:
+            self._switch(versions)
+            response = await super().perform_request(
+                method, target, headers=self._with_version(headers), **kwargs
+            )
+        self._negotiated = True
+        return response
+
+    async def negotiate(self, headers: Any) -> None:
+        async with self._lock:
+            if self._negotiated:
+                return
+            probe_headers = HttpHeaders(headers)
+            for name in ("accept", "content-type"):
+                if name in probe_headers:
+                    del probe_headers[name]
+            probe_headers["accept"] = (
+                f"application/vnd.elasticsearch+json; compatible-with={CLIENT_MAJOR}"
+            )
+            response = await super().perform_request(
+                "GET", "/", headers=self._with_version(probe_headers)
+            )
+            versions = accepted_versions(response.meta.status, response.body)
+            if versions:
+                self._switch(versions)
+            self._negotiated = True
+
+    def _switch(self, versions: tuple[int, ...]) -> None:
+        self.refused = versions
+        log.info(
+            "Elasticsearch accepts REST API versions %s: asking for %d",
+            "/".join(map(str, versions)),
+            versions[0],
+        )
+        self.compatible_with = versions[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """What the service knows of the server: its version when a request could say it, and the
+    REST API version the client speaks with it."""
+
+    version: str | None
+    api_version: int
+    how: str  # where the version came from
+
+    @property
+    def major_minor(self) -> tuple[int, int] | None:
+        if not self.version:
+            return None
+        parts = re.findall(r"\d+", self.version)[:2]
+        return (int(parts[0]), int(parts[1])) if len(parts) == 2 else None
+
+    def describe(self) -> str:
+        version = self.version or f"{self.api_version}.x (version hidden: {self.how})"
+        return f"Elasticsearch {version}, REST API version {self.api_version}"
+
+    def too_old(self) -> bool:
+        mm = self.major_minor
+        return (mm is not None and mm < MIN_VERSION) or self.api_version < MIN_VERSION[0]
+
+
+def compat_transport(client: AsyncElasticsearch) -> CompatibleTransport | None:
+    transport = client.transport
+    return transport if isinstance(transport, CompatibleTransport) else None
+
+
+async def describe_cluster(client: AsyncElasticsearch) -> ClusterInfo:
+    """The server's version, found with the least privilege that can: ``GET /`` (a full
+    distribution; needs ``monitor``), then the local node's info (``monitor``); without that
+    privilege only the major version the server speaks is known. Raises what the first request
+    raised when it is not a 403/404/405 (unreachable, bad credentials, refused API version)."""
+    quick = client.options(max_retries=0)
+    version: str | None = None
+    how = "no monitor privilege"
+    try:
+        info = await quick.perform_request("GET", "/", headers={"accept": "application/json"})
+        version = str(info.body.get("version", {}).get("number") or "") or None
+        how = "GET /"
+    except ApiError as exc:
+        if exc.meta.status not in (403, 404, 405):
+            raise
+    if version is None:
+        try:
+            nodes = await quick.nodes.info(node_id="_local", metric="process")
+            found = sorted({str(n.get("version")) for n in nodes.body.get("nodes", {}).values()})
+            version = ", ".join(found) or None
+            how = "nodes info"
+        except ApiError as exc:
+            if exc.meta.status != 403:
+                raise
+            how = "the user has no monitor privilege"
+    transport = compat_transport(client)
+    api_version = (
+        transport.compatible_with if transport and transport.compatible_with else CLIENT_MAJOR
+    )
+    return ClusterInfo(version=version, api_version=api_version, how=how)
+
+
+async def delete_index(client: AsyncElasticsearch, name: str) -> list[str]:
+    """Delete index ``name``, or the indices behind alias ``name`` (Elasticsearch refuses to
+    delete an alias's indices by the alias's name). Returns what was deleted; none is an error."""
+    resp = await client.options(ignore_status=404).indices.get(index=name)
+    indices = [i for i in resp.body if isinstance(resp.body.get(i), dict)] if resp.body else []
+    if resp.meta.status == 404 or not indices:
+        return []
+    await client.options(ignore_status=404).indices.delete(index=",".join(indices))
+    return indices
