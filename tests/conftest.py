@@ -2,10 +2,26 @@
 
 - ``stack``: a :class:`deploy.local.StackInfo` (``kafka_bootstrap``, ``es_url``). Started once
   per session in a temp run dir with :class:`deploy.local.LocalStack` and stopped at the end.
+  Elasticsearch 9.5.3, or the version ``SPARSE_INGEST_STACK_ES_VERSION`` names.
   ``SPARSE_INGEST_TEST_KAFKA=host:port`` / ``SPARSE_INGEST_TEST_ES=http://...`` point the tests
   at services that are already running instead (only the missing ones are started).
 - ``local_stack``: the :class:`LocalStack` behind ``stack`` (None if all came from the env).
 - ``kafka_bootstrap``, ``es_url``: strings.
+- ``es8_url``: an Elasticsearch 8.19.21 (security off, no Kafka), started on first use and
+  stopped at the end of the session; ``SPARSE_INGEST_TEST_ES8=http://...`` uses a running one.
+  The elasticsearch-py 9 client sends ``compatible-with=9``, which 8.x refuses: talk to it
+  with plain ``application/json`` (``deploy.local.probes.http_json``, ``support.es_request``).
+- ``es_version_stack``: a factory, ``stack = es_version_stack("8.19.21")`` is a running
+  Elasticsearch-only :class:`LocalStack` of that version (security off), one per version,
+  started on first use and stopped at the end of the session.
+- ``es_any``: ``(version, url)``, parametrized over ``ELASTICSEARCH_VERSIONS`` (9.5.3, 8.19.21):
+  a test that takes it runs once against each major. The session stack's version is served by
+  ``es_url``, 8.19.21 by ``es8_url``, any other by ``es_version_stack``.
+- ``secure_es``: the :class:`LocalStack` of an Elasticsearch-only 9.5.3 with ``security=True``
+  (http, no TLS), started on first use: ``.info.es_url``, ``.info.es_auth`` (the ``elastic``
+  superuser), and ``.es_file_roles({...})`` / ``.es_file_user(name, password, roles)`` for
+  least-privilege users. Roles and users stay for the session: give them names of the test's
+  own. No environment override.
 - ``topic``, ``index_name``: unique per test (test name + uuid; lowercase for ES).
 - ``es``: an ``AsyncElasticsearch`` client, closed (and ``index_name`` deleted) after the test.
 - ``prometheus``: a factory, ``url = prometheus(scrape_config)`` starts a Prometheus with that
@@ -16,6 +32,7 @@ The fixtures never skip: if the stack cannot start, the tests fail with the reas
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +42,22 @@ import support
 from elasticsearch import AsyncElasticsearch
 
 from deploy.local import LocalStack, StackError, StackInfo
+from deploy.local.versions import (
+    ELASTICSEARCH_8_VERSION,
+    ELASTICSEARCH_VERSION,
+    ELASTICSEARCH_VERSIONS,
+    default_elasticsearch_version,
+)
+
+
+def _up_or_fail(stack: LocalStack, what: str, **services: bool) -> LocalStack:
+    """``stack.up(**services)``, or the test fails (never skips) with the reason."""
+    try:
+        stack.up(**services)
+    except StackError as exc:
+        stack.down(remove_data=False)
+        pytest.fail(f"could not start {what}: {exc}", pytrace=False)
+    return stack
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +67,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         yield None
         return
     stack = LocalStack(name="pytest", run_dir=tmp_path_factory.mktemp("stack"), log=support.log)
-    try:
-        stack.up(kafka=not kafka_env, elasticsearch=not es_env)
-    except StackError as exc:
-        stack.down(remove_data=False)
-        pytest.fail(f"could not start the local stack: {exc}", pytrace=False)
+    _up_or_fail(stack, "the local stack", kafka=not kafka_env, elasticsearch=not es_env)
     try:
         yield stack
     finally:
@@ -61,6 +90,75 @@ def kafka_bootstrap(stack: StackInfo) -> str:
 def es_url(stack: StackInfo) -> str:
     assert stack.es_url, "no Elasticsearch in the test stack"
     return stack.es_url
+
+
+@pytest.fixture(scope="session")
+def es_version_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str], LocalStack]]:
+    stacks: dict[str, LocalStack] = {}
+    failed: dict[str, str] = {}
+
+    def get(version: str) -> LocalStack:
+        if version in failed:
+            pytest.fail(failed[version], pytrace=False)
+        if version not in stacks:
+            failed[version] = f"Elasticsearch {version} could not start earlier in this session"
+            run_dir = tmp_path_factory.mktemp(f"es-{version}")
+            stack = LocalStack(
+                name=f"pytest-es-{version}", run_dir=run_dir, es_version=version, log=support.log
+            )
+            stacks[version] = _up_or_fail(stack, f"Elasticsearch {version}", kafka=False)
+            del failed[version]
+        return stacks[version]
+
+    try:
+        yield get
+    finally:
+        for stack in stacks.values():
+            stack.down(remove_data=True)
+
+
+@pytest.fixture(scope="session")
+def es8_url(es_version_stack: Callable[[str], LocalStack]) -> str:
+    external = os.environ.get(support.ES8_ENV)
+    if external:
+        return external
+    url = es_version_stack(ELASTICSEARCH_8_VERSION).info.es_url
+    assert url
+    return url
+
+
+@pytest.fixture(params=ELASTICSEARCH_VERSIONS)
+def es_any(request: pytest.FixtureRequest) -> tuple[str, str]:
+    version: str = request.param
+    try:
+        session_version = default_elasticsearch_version()
+    except StackError as exc:  # a bad $SPARSE_INGEST_STACK_ES_VERSION
+        pytest.fail(str(exc), pytrace=False)
+    if version == session_version:
+        url = request.getfixturevalue("es_url")
+    elif version == ELASTICSEARCH_8_VERSION:
+        url = request.getfixturevalue("es8_url")
+    else:
+        url = request.getfixturevalue("es_version_stack")(version).info.es_url
+    return version, url
+
+
+@pytest.fixture(scope="session")
+def secure_es(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    stack = LocalStack(
+        name="pytest-secure",
+        run_dir=tmp_path_factory.mktemp("secure-es"),
+        es_version=ELASTICSEARCH_VERSION,
+        security=True,
+        log=support.log,
+    )
+    _up_or_fail(stack, f"Elasticsearch {ELASTICSEARCH_VERSION} with security", kafka=False)
+    try:
+        yield stack
+    finally:
+        stack.down(remove_data=True)
 
 
 @pytest.fixture

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from deploy.local import (
     MavenNotFoundError,
     PortInUseError,
     ServiceStartError,
+    StackAlreadyRunningError,
+    StackError,
     StackInfo,
     cache_dir,
     fetch,
@@ -28,7 +32,12 @@ from deploy.local import (
 )
 from deploy.local import artifacts as fetching
 from deploy.local.probes import elasticsearch_health, kafka_coordinator_ready
-from deploy.local.versions import ELASTICSEARCH_JAVA_MODULES
+from deploy.local.versions import (
+    ELASTICSEARCH_8_VERSION,
+    ELASTICSEARCH_JAVA_MODULES,
+    ELASTICSEARCH_VERSION,
+    ES_VERSION_ENV,
+)
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +179,9 @@ def test_failed_download_shows_mvn_output(tmp_path: Path, monkeypatch: pytest.Mo
     cache.mkdir()
     (cache / "m2").symlink_to(cache_dir() / "m2")  # plugins already there: fails fast
     monkeypatch.setattr(
-        fetching, "ELASTICSEARCH_ARTIFACT", "org.example.sparse-ingest:does-not-exist:0.0.1:zip"
+        fetching,
+        "elasticsearch_artifact",
+        lambda version: "org.example.sparse-ingest:does-not-exist:0.0.1:zip",
     )
     with pytest.raises(FetchError, match=r"(?s)with Maven failed.*does-not-exist"):
         fetch(kafka=False, java=False, cache=cache)
@@ -207,3 +218,100 @@ def test_kafka_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPat
     monkeypatch.undo()
     ids = [stack_module.new_kafka_cluster_id() for _ in range(2000)]
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+
+
+def test_es_any_runs_the_version_asked_for(es_any: tuple[str, str]) -> None:
+    """Both majors start from the stack, report their version and take a sparse_vector field
+    (plain application/json requests: elasticsearch-py 9's compatible-with=9 is refused by 8)."""
+    version, url = es_any
+    assert support.es_node_version(url) == version
+    assert elasticsearch_health(url) in ("green", "yellow")
+    index = f"stack-any-{version}"
+    mapping = {"mappings": {"properties": {"tokens": {"type": "sparse_vector"}}}}
+    status, body = support.es_request(f"{url}/{index}", "PUT", mapping)
+    assert status == 200, body
+    try:
+        doc = {"tokens": {"hello": 1.5, "world": 0.5}}
+        status, body = support.es_request(f"{url}/{index}/_doc/1?refresh=true", "PUT", doc)
+        assert status == 201, body
+        status, body = support.es_request(f"{url}/{index}/_count")
+        assert (status, body["count"]) == (200, 1), body
+    finally:
+        support.es_request(f"{url}/{index}", "DELETE")
+
+
+def test_es8_stack_records_and_shows_its_version(
+    es_version_stack: Callable[[str], LocalStack],
+) -> None:
+    stack = es_version_stack(ELASTICSEARCH_8_VERSION)
+    info = stack.info
+    assert info.versions["elasticsearch"] == ELASTICSEARCH_8_VERSION
+    assert f"elasticsearch {ELASTICSEARCH_8_VERSION}" in info.describe()
+    (service,) = stack.status().services
+    assert (service.service, service.version, service.healthy) == (
+        "elasticsearch",
+        ELASTICSEARCH_8_VERSION,
+        True,
+    )
+    status = _cli("status", "--name", stack.name, "--run-dir", str(stack.run_dir))
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"(version {ELASTICSEARCH_8_VERSION})" in status.stdout
+    # its own home in the cache, fetched already
+    result = fetch(kafka=False, java=False, es_version=ELASTICSEARCH_8_VERSION)
+    assert result.downloaded == []
+    assert result.elasticsearch_home == cache_dir() / f"elasticsearch-{ELASTICSEARCH_8_VERSION}"
+    # the same run dir with another version is "already running", not silently reused
+    other = LocalStack(name=stack.name, run_dir=stack.run_dir, es_version=ELASTICSEARCH_VERSION)
+    with pytest.raises(StackAlreadyRunningError):
+        other.up(kafka=False)
+    with pytest.raises(StackError, match=r"need Elasticsearch with security on"):
+        stack.es_file_user("nobody", "secret123", ["viewer"])
+
+
+def test_unsupported_es_version_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for bad in ("7.17.25", "8.10.4", "10.0.0", "9.5", "latest"):
+        with pytest.raises(StackError, match=rf"version '{re.escape(bad)}' is not supported"):
+            LocalStack(name="bad", run_dir=tmp_path, es_version=bad)
+    assert LocalStack(name="ok", run_dir=tmp_path, es_version="8.11.0").es_version == "8.11.0"
+    monkeypatch.setenv(ES_VERSION_ENV, "8.10.4")
+    stack = LocalStack(name="bad", run_dir=tmp_path)
+    assert stack.down() == {}  # stopping never depends on the variable
+    with pytest.raises(StackError, match=rf"'8\.10\.4' is not supported.*\${ES_VERSION_ENV}"):
+        stack.up(kafka=False)
+    monkeypatch.delenv(ES_VERSION_ENV)
+    up = _cli("up", "--no-kafka", "--es-version", "7.1.0", "--run-dir", str(tmp_path / "cli"))
+    assert up.returncode == 1
+    assert "error: Elasticsearch version '7.1.0' is not supported" in up.stderr
+    for command in ("up", "fetch"):
+        usage = _cli(command, "--help")
+        assert "--es-version" in usage.stdout and f"${ES_VERSION_ENV}" in usage.stdout
+
+
+def test_file_realm_user_has_only_its_role(secure_es: LocalStack) -> None:
+    info = secure_es.info
+    url, admin = info.es_url, info.es_auth
+    assert url and admin and admin[0] == "elastic"
+    for index in ("ro-stack-test", "other-stack-test"):
+        status, body = support.es_request(
+            f"{url}/{index}/_doc/1?refresh=true", "PUT", {"n": 1}, admin
+        )
+        assert status == 201, body
+    roles_file = secure_es.es_file_roles(
+        {"stack_test_ro": {"indices": [{"names": ["ro-*"], "privileges": ["read"]}]}}
+    )
+    assert roles_file.name == "roles.yml"
+    user = secure_es.es_file_user("stack_test_reader", "reader-secret", ["stack_test_ro"])
+
+    status, body = support.es_request(f"{url}/ro-stack-test/_search", auth=user)
+    assert status == 200 and body["hits"]["total"]["value"] == 1, body
+    for path in ("_cluster/health", "other-stack-test/_search"):
+        status, body = support.es_request(f"{url}/{path}", auth=user)
+        assert status == 403, (path, body)
+    status, body = support.es_request(f"{url}/ro-stack-test/_doc/2", "PUT", {"n": 2}, user)
+    assert status == 403, body
+    status, _ = support.es_request(f"{url}/ro-stack-test/_search", auth=(user[0], "wrong-one"))
+    assert status == 401
+    with pytest.raises(StackError, match=r"elasticsearch-users useradd failed"):
+        secure_es.es_file_user("stack_test_short", "abc", ["stack_test_ro"])

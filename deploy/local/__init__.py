@@ -24,10 +24,11 @@ from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import cache_dir, default_run_dir
 from deploy.local.probes import elasticsearch_ready, kafka_metadata, kafka_ready, prometheus_ready
 from deploy.local.stack import LocalStack, ServiceStatus, StackInfo, StackStatus
-from deploy.local.versions import ELASTICSEARCH_VERSION, KAFKA_VERSION
+from deploy.local.versions import ELASTICSEARCH_VERSION, ELASTICSEARCH_VERSIONS, KAFKA_VERSION
 
 __all__ = [
     "ELASTICSEARCH_VERSION",
+    "ELASTICSEARCH_VERSIONS",
     "KAFKA_VERSION",
     "FetchError",
     "FetchResult",

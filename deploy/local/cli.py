@@ -17,6 +17,7 @@ from deploy.local.artifacts import fetch
 from deploy.local.errors import StackError
 from deploy.local.paths import DEFAULT_STACK_NAME
 from deploy.local.stack import LocalStack
+from deploy.local.versions import ELASTICSEARCH_VERSION, ELASTICSEARCH_VERSIONS, ES_VERSION_ENV
 
 
 def _err(message: str) -> None:
@@ -30,6 +31,7 @@ def _stack(args: argparse.Namespace) -> LocalStack:
         kafka_port=getattr(args, "kafka_port", None),
         es_port=getattr(args, "es_port", None),
         prometheus_port=getattr(args, "prometheus_port", None),
+        es_version=getattr(args, "es_version", None),
         security=getattr(args, "security", False),
         es_tls=getattr(args, "es_tls", False),
         kafka_security=getattr(args, "kafka_security", False),
@@ -63,7 +65,11 @@ def _guard(handler: Any) -> Any:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     result = fetch(
-        kafka=not args.no_kafka, elasticsearch=not args.no_elasticsearch, java=True, log=_err
+        kafka=not args.no_kafka,
+        elasticsearch=not args.no_elasticsearch,
+        java=True,
+        log=_err,
+        es_version=args.es_version,
     )
     what = ", ".join(result.downloaded) or "nothing (all cached)"
     print(f"cache: {result.cache}")
@@ -135,16 +141,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _es_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--es-version",
+        default=None,
+        metavar="VERSION",
+        help=f"Elasticsearch version, 8.11+ or 9.x (tested: {', '.join(ELASTICSEARCH_VERSIONS)}; "
+        f"default: ${ES_VERSION_ENV} or {ELASTICSEARCH_VERSION})",
+    )
+
+
 def _add(subparsers: Any) -> None:
     p = subparsers.add_parser("fetch", help="download Kafka, Elasticsearch (and a JDK if needed)")
     p.add_argument("--no-kafka", action="store_true")
     p.add_argument("--no-elasticsearch", action="store_true")
+    _es_version(p)
     p.set_defaults(handler=_guard(cmd_fetch))
 
     p = subparsers.add_parser("up", help="start Kafka + Elasticsearch (+ Prometheus) and wait")
     _common(p)
     p.add_argument("--no-kafka", action="store_true", help="do not start Kafka")
     p.add_argument("--no-elasticsearch", action="store_true", help="do not start Elasticsearch")
+    _es_version(p)
     p.add_argument("--prometheus", action="store_true", help="also start Prometheus")
     p.add_argument("--prometheus-config", default=None, help="scrape config for Prometheus")
     p.add_argument("--kafka-port", type=int, default=None, help="fixed Kafka port")

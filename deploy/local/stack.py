@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,10 +38,11 @@ from deploy.local.paths import DEFAULT_STACK_NAME, cache_dir, default_run_dir
 from deploy.local.procs import alive, pick_port, process_start_time, stop_group, tail
 from deploy.local.versions import (
     ELASTICSEARCH_JAVA_MODULES,
-    ELASTICSEARCH_MIN_JAVA,
-    ELASTICSEARCH_VERSION,
     KAFKA_MIN_JAVA,
     KAFKA_VERSION,
+    check_elasticsearch_version,
+    default_elasticsearch_version,
+    elasticsearch_min_java,
 )
 
 Log = Callable[[str], None]
@@ -172,10 +173,12 @@ class ServiceStatus:
     healthy: bool
     url: str | None
     log: str | None
+    version: str | None = None
 
     def describe(self) -> str:
         state = "healthy" if self.healthy else ("running, NOT healthy" if self.running else "DEAD")
-        return f"  {self.service:<14} pid {self.pid}  {state:<22} {self.url or ''}"
+        version = f"  (version {self.version})" if self.version else ""
+        return f"  {self.service:<14} pid {self.pid}  {state:<22} {self.url or ''}{version}"
 
 
 @dataclass
@@ -262,6 +265,7 @@ class LocalStack:
         kafka_partitions: int = KAFKA_PARTITIONS,
         kafka_heap: str = "512m",
         es_heap: str = "1g",
+        es_version: str | None = None,
         security: bool = False,
         es_tls: bool = False,
         kafka_security: bool = False,
@@ -280,6 +284,9 @@ class LocalStack:
         self.kafka_partitions = kafka_partitions
         self.kafka_heap = kafka_heap
         self.es_heap = es_heap
+        # None: $SPARSE_INGEST_STACK_ES_VERSION or 9.5.3, checked when used (so that `down`
+        # works whatever the variable says); an explicit version is checked here.
+        self._es_version = check_elasticsearch_version(es_version) if es_version else None
         # es_tls: Elasticsearch over https with a CA made for the stack (implies security).
         # kafka_security: SSL, SASL_PLAINTEXT and SASL_SSL listeners besides PLAINTEXT, SASL
         # PLAIN + SCRAM-SHA-256/512 with one generated user.
@@ -293,6 +300,11 @@ class LocalStack:
         self.startup_timeout = startup_timeout
         self.log = log
         self._children: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def es_version(self) -> str:
+        """The Elasticsearch version ``up`` starts (StackError if the env var names a bad one)."""
+        return self._es_version or default_elasticsearch_version()
 
     # ------------------------------------------------------------------ state
     def _ca(self) -> tuple[Path, Path]:
@@ -328,7 +340,10 @@ class LocalStack:
     def fetch(
         self, kafka: bool = True, elasticsearch: bool = True, java: bool = True
     ) -> fetching.FetchResult:
-        return fetching.fetch(kafka, elasticsearch, java, cache=self.cache, log=self.log)
+        es_version = self.es_version if elasticsearch else None
+        return fetching.fetch(
+            kafka, elasticsearch, java, cache=self.cache, log=self.log, es_version=es_version
+        )
 
     # ------------------------------------------------------------------ up
     def up(
@@ -348,10 +363,13 @@ class LocalStack:
         ]
         if not wanted:
             raise StackError("nothing to start: all of Kafka, Elasticsearch, Prometheus are off")
+        es_version = self.es_version if elasticsearch else None
         existing = self.status()
         if existing.running:
             recorded = {s.service for s in existing.services}
-            if existing.healthy and set(wanted) <= recorded:
+            es_running = {s.version for s in existing.services if s.service == "elasticsearch"}
+            same_es = es_version is None or es_running == {es_version}
+            if existing.healthy and set(wanted) <= recorded and same_es:
                 self.log(f"stack {self.name!r} is already up")
                 return self.info
             raise StackAlreadyRunningError(
@@ -521,7 +539,12 @@ class LocalStack:
             stdout_log,
             state,
             cwd=kdir,
-            extra={"port": port, "controller_port": controller_port, "log": str(server_log)},
+            extra={
+                "port": port,
+                "controller_port": controller_port,
+                "log": str(server_log),
+                "version": KAFKA_VERSION,
+            },
         )
         info.kafka_bootstrap = f"{HOST}:{port}"
         info.kafka_listeners["PLAINTEXT"] = info.kafka_bootstrap
@@ -579,9 +602,10 @@ class LocalStack:
         return [f"SCRAM-SHA-{bits}=[name={user},password={password}]" for bits in (256, 512)]
 
     # ------------------------------------------------------------------ elasticsearch
-    def _es_dirs(self) -> tuple[Path, Path, tuple[int, int] | None]:
-        """(distribution home, per-run work dir, (uid, gid) to run as or None)."""
-        home = fetching.elasticsearch_home_dir(self.cache)
+    def _es_dirs(self, version: str) -> tuple[Path, Path, tuple[int, int] | None]:
+        """(distribution home, per-run work dir, (uid, gid) to run as or None). As root the
+        distribution is staged per version (``dist/elasticsearch-<version>``)."""
+        home = fetching.elasticsearch_home_dir(self.cache, version)
         if not _running_as_root():
             return home, self.run_dir / "elasticsearch", None
         base = Path(os.environ.get(ES_BASE_ENV) or DEFAULT_ES_BASE)
@@ -603,10 +627,11 @@ class LocalStack:
     def _start_elasticsearch(
         self, info: StackInfo, state: dict[str, Any], taken: set[int]
     ) -> tuple[str, Callable[[], bool], Path]:
-        java = self._java(ELASTICSEARCH_MIN_JAVA, ELASTICSEARCH_JAVA_MODULES)
+        version = self.es_version
+        java = self._java(elasticsearch_min_java(version), ELASTICSEARCH_JAVA_MODULES)
         http_port = pick_port(self.es_port, "Elasticsearch HTTP", taken)
         transport_port = pick_port(None, "Elasticsearch transport", taken)
-        home, work, user = self._es_dirs()
+        home, work, user = self._es_dirs(version)
         if user is not None:
             java = self._java_for_user(java, work.parent.parent)
         shutil.rmtree(work, ignore_errors=True)
@@ -647,6 +672,9 @@ class LocalStack:
         if self.security:
             settings["xpack.security.http.ssl.enabled"] = False
             settings["xpack.security.transport.ssl.enabled"] = False
+            # File-realm users and roles (es_file_user/es_file_roles) are reloaded within 1 s
+            # instead of 5 s.
+            settings["resource.reload.interval.high"] = "1s"
         scheme = "http"
         if self.es_tls:
             # ES reads its key and certificates from its config dir only.
@@ -682,10 +710,7 @@ class LocalStack:
         stdout_log = logs / "stdout.log"
         url = f"{scheme}://{HOST}:{http_port}"
         as_user = f" as user {ES_USER}" if user else ""
-        self.log(
-            f"starting Elasticsearch {ELASTICSEARCH_VERSION} on {url}{as_user} "
-            f"({java.describe()}) ..."
-        )
+        self.log(f"starting Elasticsearch {version} on {url}{as_user} ({java.describe()}) ...")
         self._spawn(
             "elasticsearch",
             [str(home / "bin" / "elasticsearch")],
@@ -694,13 +719,20 @@ class LocalStack:
             env=env,
             cwd=work,
             user=user,
-            extra={"port": http_port, "url": url, "log": str(es_log), "work": str(work)},
+            extra={
+                "port": http_port,
+                "url": url,
+                "log": str(es_log),
+                "work": str(work),
+                "home": str(home),
+                "version": version,
+            },
             launch_env=es_env,
         )
         info.es_url = url
         info.es_log = es_log
         info.es_auth = auth
-        info.versions["elasticsearch"] = ELASTICSEARCH_VERSION
+        info.versions["elasticsearch"] = version
         info.versions["elasticsearch_java"] = java.version
 
         cafile = str(info.es_ca_certs) if info.es_ca_certs else None
@@ -736,6 +768,105 @@ class LocalStack:
             if proc.returncode != 0:
                 out = (proc.stdout + proc.stderr).decode(errors="replace")
                 raise ServiceStartError(f"elasticsearch-keystore {args[0]} failed:\n{out}")
+
+    # ------------------------------------------------------------------ file realm
+    def _es_file_realm(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, Elasticsearch entry) of a running stack with security on, else StackError."""
+        state = self._load_state()
+        entry = self._entry(state, "elasticsearch")
+        if not state.get("info", {}).get("es_auth"):
+            raise StackError(
+                f"file-realm users and roles need Elasticsearch with security on: start stack "
+                f"{self.name!r} with LocalStack(security=True) (`stack up --security`)"
+            )
+        if not alive(entry["pid"], entry.get("start_time")):
+            raise StackError(f"Elasticsearch of stack {self.name!r} is not running")
+        return state, entry
+
+    def es_file_roles(self, roles: dict[str, dict[str, Any]]) -> Path:
+        """Add or replace file-realm roles: ``roles.yml`` in the node's config folder, one role a
+        line as ``"name": {body}`` in JSON (which is YAML). ``body`` is what ``PUT
+        /_security/role/<name>`` takes, e.g. ``{"indices": [{"names": ["ro-*"], "privileges":
+        ["read"]}]}``. Roles written before stay. Elasticsearch reloads the file within about a
+        second; :meth:`es_file_user` waits until its user has what its roles grant, so write
+        the roles first. Returns the path of ``roles.yml``."""
+        _, entry = self._es_file_realm()
+        for name, body in roles.items():
+            if not name or not isinstance(body, dict):
+                raise StackError(f"role {name!r}: expected a non-empty name and a dict body")
+        path = Path(entry["work"]) / "config" / "roles.yml"
+        merged = _read_file_roles(path) | roles
+        text = "# generated by deploy.local (LocalStack.es_file_roles)\n" + "".join(
+            f"{json.dumps(name)}: {json.dumps(body, sort_keys=True)}\n"
+            for name, body in merged.items()
+        )
+        tmp = path.with_name(".roles.yml.tmp")
+        tmp.write_text(text)
+        user = entry["launch"].get("user")
+        if user:
+            os.chown(tmp, user[0], user[1])
+        tmp.replace(path)  # whole file at once: the watcher never reads half of it
+        self.log(f"file-realm roles written: {', '.join(roles)}")
+        return path
+
+    def es_file_user(
+        self, name: str, password: str, roles: Sequence[str], timeout: float = 60.0
+    ) -> tuple[str, str]:
+        """Add (or replace) a file-realm user with these roles (``bin/elasticsearch-users
+        useradd NAME -p PASSWORD -r ROLE1,ROLE2``, run as the Elasticsearch user with the node's
+        environment), then wait until ``GET /_security/_authenticate`` as that user answers 200
+        with exactly these roles and ``GET /_security/user/_privileges`` shows what the file
+        roles among them grant (polling; StackError after ``timeout`` seconds). Passwords need
+        6+ characters. Returns ``(name, password)``, e.g. for ``basic_auth``."""
+        roles = [roles] if isinstance(roles, str) else list(roles)
+        state, entry = self._es_file_realm()
+        conf = Path(entry["work"]) / "config"
+        try:
+            lines = (conf / "users").read_text().splitlines()
+        except OSError:
+            lines = []
+        if any(line.split(":", 1)[0] == name for line in lines):
+            self._es_users_tool(entry, ["userdel", name])
+        args = ["useradd", name, "-p", password]
+        self._es_users_tool(entry, args + (["-r", ",".join(roles)] if roles else []))
+        file_roles = _read_file_roles(conf / "roles.yml")
+        granted = [file_roles[role] for role in roles if role in file_roles]
+        info = state["info"]
+        url, cafile = entry["url"], info.get("es_ca_certs")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                problem = _es_user_problem(url, (name, password), cafile, roles, granted)
+            except OSError as exc:
+                problem = f"Elasticsearch at {url} is unreachable: {exc}"
+            if problem is None:
+                self.log(f"file-realm user {name!r} works (roles {', '.join(roles) or 'none'})")
+                return name, password
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"file-realm user {name!r} did not work within {timeout:.0f}s: {problem}. "
+                    f"Last lines of {entry['log']}:\n{tail(Path(entry['log']))}"
+                )
+            time.sleep(0.5)
+
+    def _es_users_tool(self, entry: dict[str, Any], args: list[str]) -> None:
+        """``bin/elasticsearch-users ARGS`` as the Elasticsearch user, with the node's env."""
+        launch = entry["launch"]
+        home = Path(entry.get("home") or Path(entry["cmd"][0]).parents[1])
+        cmd = [str(home / "bin" / "elasticsearch-users"), *args]
+        kwargs: dict[str, Any] = {"env": _es_base_env() | launch["env"], "cwd": launch["cwd"]}
+        if launch.get("user"):
+            uid, gid = launch["user"]
+            kwargs.update(user=uid, group=gid, extra_groups=[])
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=300, **kwargs
+        )
+        if proc.returncode != 0:
+            shown = " ".join("***" if cmd[i - 1] == "-p" else a for i, a in enumerate(cmd))
+            raise StackError(
+                f"elasticsearch-users {args[0]} failed (exit {proc.returncode}):\n$ {shown}\n"
+                + (proc.stdout + proc.stderr).strip()
+            )
 
     # ------------------------------------------------------------------ prometheus
     def _start_prometheus(
@@ -833,8 +964,11 @@ class LocalStack:
             elif service == "prometheus":
                 url = entry["url"]
                 healthy = running and probes.prometheus_ready(url, 3.0)
+            version = entry.get("version") or info.get("versions", {}).get(service)
             statuses.append(
-                ServiceStatus(service, entry["pid"], running, healthy, url, entry.get("log"))
+                ServiceStatus(
+                    service, entry["pid"], running, healthy, url, entry.get("log"), version
+                )
             )
         return StackStatus(self.name, self.run_dir, statuses)
 
@@ -974,6 +1108,58 @@ class LocalStack:
         tb: TracebackType | None,
     ) -> None:
         self.down()
+
+
+def _read_file_roles(path: Path) -> dict[str, dict[str, Any]]:
+    """The roles of a ``roles.yml`` written by :meth:`LocalStack.es_file_roles` (the stock
+    file is all comments)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    roles: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            roles.update(json.loads("{" + line + "}"))
+        except ValueError:
+            raise StackError(
+                f"{path} has a line es_file_roles did not write ({line[:80]!r}): remove it"
+            ) from None
+    return roles
+
+
+def _es_user_problem(
+    url: str,
+    auth: tuple[str, str],
+    cafile: str | None,
+    roles: Sequence[str],
+    granted: list[dict[str, Any]],
+) -> str | None:
+    """None when ``auth`` authenticates with ``roles`` and has the cluster privileges and
+    index name patterns of the role bodies ``granted``; else what is not there yet."""
+    status, body = probes.http_json(f"{url}/_security/_authenticate", 5.0, auth, cafile)
+    if status != 200 or not isinstance(body, dict):
+        return f"GET /_security/_authenticate answered {status}: {str(body)[:300]}"
+    if sorted(body.get("roles", [])) != sorted(roles):
+        return f"it has the roles {body.get('roles')}, not {list(roles)}"
+    if not granted:
+        return None
+    status, body = probes.http_json(f"{url}/_security/user/_privileges", 5.0, auth, cafile)
+    if status != 200 or not isinstance(body, dict):
+        return f"GET /_security/user/_privileges answered {status}: {str(body)[:300]}"
+    cluster = set(body.get("cluster", []))
+    patterns = {n for grant in body.get("indices", []) for n in grant.get("names", [])}
+    missing = []
+    for role in granted:
+        missing += [f"cluster {p}" for p in role.get("cluster", []) if p not in cluster]
+        for grant in role.get("indices", []):
+            names = grant.get("names", [])
+            for pattern in [names] if isinstance(names, str) else names:
+                if pattern not in patterns:
+                    missing.append(f"index {pattern}")
+    return f"its roles are not in effect yet (missing {', '.join(missing)})" if missing else None
 
 
 def _es_base_env() -> dict[str, str]:
