@@ -304,7 +304,8 @@ async def index_corpus(
         if count != len(data.corpus):
             raise RuntimeError(f"{index}: {count} documents, expected {len(data.corpus)}")
         stats = await es.indices.stats(index=index, metric="store")
-        store = int(stats["indices"][index]["primaries"]["store"]["size_in_bytes"])
+        # keyed by the index behind the alias: take the total
+        store = int(stats["_all"]["primaries"]["store"]["size_in_bytes"])
         field_bytes = await _field_bytes(es, index, settings.es_vector_field)
     finally:
         await es.close()
@@ -327,7 +328,8 @@ async def _field_bytes(es: AsyncElasticsearch, index: str, field_name: str) -> i
         with warnings.catch_warnings():  # "technical preview"
             warnings.simplefilter("ignore")
             resp = await es.indices.disk_usage(index=index, run_expensive_tasks=True)
-        fields = resp[index]["fields"]
+        # keyed by the index behind the alias
+        fields = next(v for k, v in resp.body.items() if k != "_shards")["fields"]
         return int(fields[field_name]["total_in_bytes"])
     except Exception as exc:  # the API is a technical preview; sizes are a bonus
         log.info("no _disk_usage for %s: %s", index, exc)

@@ -283,11 +283,12 @@ class ElasticsearchSink:
         stored = meta.get("model_fingerprint") if isinstance(meta, dict) else None
         if stored and self.fingerprint and stored != self.fingerprint:
             raise ModelMismatchError(
-                f"index {index!r} holds the vectors of model {meta.get('model')!r} (fingerprint "
-                f"{stored}); this process runs {self.model_name!r} ({self.fingerprint}). One "
-                "index never mixes two models: to change the model run `sparse-ingest reindex "
-                "--model DIR` (README: Changing the model); to keep the old one set "
-                "SPARSE_INGEST_MODEL_DIR back to it"
+                f"index {index!r} holds the vectors of model {meta.get('model')!r} (vector "
+                f"fingerprint {stored}); this process makes other vectors: model "
+                f"{self.model_name!r}, fingerprint {self.fingerprint} (its files, long-text mode "
+                "and SPARSE_INGEST_ES_PRUNE_BELOW count). One index never mixes two models' "
+                "vectors: to change them run `sparse-ingest reindex --model DIR` (README: "
+                "Changing the model); to keep the index, set the model and settings back"
             )
 
     async def reachable(self, within_s: float = 2.0) -> bool:

@@ -48,6 +48,7 @@ from deploy.local.versions import (
     ELASTICSEARCH_VERSIONS,
     default_elasticsearch_version,
 )
+from service.elastic import delete_index
 
 
 def _up_or_fail(stack: LocalStack, what: str, **services: bool) -> LocalStack:
@@ -181,7 +182,7 @@ async def es(
         yield client
     finally:
         if index is not None:
-            await client.options(ignore_status=404).indices.delete(index=index)
+            await delete_index(client, index)  # the index, or those behind the alias
         await client.close()
 
 

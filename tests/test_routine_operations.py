@@ -37,7 +37,10 @@ from service_support import (
     wait_until,
 )
 
+from service.app import StartupError
+from service.elastic import delete_index
 from service.messages import META_FIELD, OFFSET_VERSION_BITS
+from service.sink import IndexConfig
 
 pytestmark = pytest.mark.integration
 
@@ -140,10 +143,14 @@ async def test_replay_rewrites_and_a_new_fingerprint_encodes_again(
     n = 20
     await create_topic(kafka_bootstrap, topic, partitions=2)
     await produce(kafka_bootstrap, topic, [doc(f"d{i}", f"glaciers and ice {i}") for i in range(n)])
+    # a plain index (an earlier release's, or made by hand): no model recorded in its mapping
+    await es.indices.create(index=index_name, **IndexConfig(index_name).body())
 
-    async def run(group: str, **overrides: Any) -> tuple[float, float, float]:
+    async def run(
+        group: str, index: str = index_name, **overrides: Any
+    ) -> tuple[float, float, float]:
         settings = service_settings(
-            kafka_bootstrap, es_url, topic, index_name, kafka_group_id=group, **overrides
+            kafka_bootstrap, es_url, topic, index, kafka_group_id=group, **overrides
         )
         async with running_service(settings, default_encoder) as svc:
             await wait_all_committed(kafka_bootstrap, group, topic)
@@ -170,6 +177,16 @@ async def test_replay_rewrites_and_a_new_fingerprint_encodes_again(
         assert after[META_FIELD]["content_hash"] != before[META_FIELD]["content_hash"]
         assert after["tokens"] and min(after["tokens"].values()) >= 0.5
         assert len(after["tokens"]) < len(before["tokens"])
+
+    # An index the service made records its model: another fingerprint is refused at start
+    # (one index never mixes two models; README: Changing the model).
+    alias = f"{index_name}-alias"
+    try:
+        assert await run(f"{topic}-alias", alias) == (n, 0, 0)
+        with pytest.raises(StartupError, match="sparse-ingest reindex"):
+            await run(f"{topic}-alias-pruned", alias, es_prune_below=0.5)
+    finally:
+        await delete_index(es, alias)
 
 
 async def test_partitions_added_while_running_are_consumed_within_seconds(
