@@ -15,7 +15,13 @@ from typing import Any
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.helpers import create_ssl_context
 from elastic_transport import TlsError
 from elasticsearch import (
@@ -191,6 +197,24 @@ def kafka_connection_error(settings: Settings, exc: Exception, cause: str) -> st
         f"cannot reach {where} (SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS; "
         f"SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL is {settings.kafka_security_protocol}): {reason}"
     )
+
+
+def kafka_authorization_error(settings: Settings, exc: BaseException) -> str | None:
+    """What to grant when Kafka refused an operation to this user (None for other errors)."""
+    s = settings
+    who = f"user {s.kafka_sasl_username!r}" if s.kafka_sasl_username else "this client"
+    if isinstance(exc, GroupAuthorizationFailedError):
+        return (
+            f"Kafka refused consumer group {s.kafka_group_id!r} to {who} ({exc}): grant Read "
+            "on the group (README: Least privilege), or set SPARSE_INGEST_KAFKA_GROUP_ID"
+        )
+    if isinstance(exc, TopicAuthorizationFailedError | ClusterAuthorizationFailedError):
+        return (
+            f"Kafka refused {who} an operation ({exc}): grant Read and Describe on "
+            f"{', '.join(s.kafka_topics)} and Write and Describe on {s.dead_letter_topic} "
+            "(README: Least privilege)"
+        )
+    return None
 
 
 def load_encoder(settings: Settings) -> Any:
@@ -496,9 +520,17 @@ class Service:
         return self._pipeline_task is not None and not self._pipeline_task.done()
 
     async def wait(self) -> None:
-        """Until the pipeline ends (after :meth:`stop`, or on a fatal error, which is raised)."""
+        """Until the pipeline ends (after :meth:`stop`, or on a fatal error, which is raised:
+        Kafka refusing this user a group or topic as :class:`StartupError`, saying what to
+        grant)."""
         if self._pipeline_task is not None:
-            await self._pipeline_task
+            try:
+                await self._pipeline_task
+            except KafkaError as exc:
+                message = kafka_authorization_error(self.settings, exc)
+                if message is None:
+                    raise
+                raise StartupError(message) from None
 
     def request_stop(self) -> None:
         if self.pipeline is not None:
