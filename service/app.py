@@ -40,7 +40,7 @@ from service.config import Settings
 from service.deadletter import DeadLetterWriter
 from service.elastic import ClusterInfo, CompatibleTransport, accepted_versions, describe_cluster
 from service.http import HttpApi, HttpLimits
-from service.messages import MessageContract, vector_fingerprint
+from service.messages import MessageContract, TopicFormat, vector_fingerprint
 from service.metrics import Metrics
 from service.pipeline import Pipeline, PipelineConfig
 from service.processing import BatchProcessor
@@ -60,6 +60,27 @@ def message_contract(settings: Settings) -> MessageContract:
         vector_field=settings.es_vector_field,
         max_message_bytes=settings.max_message_bytes,
         max_text_chars=settings.max_text_chars,
+        default_format=TopicFormat.parse(settings.message_format),
+        formats=settings.formats(),
+        cdc_version_field=settings.cdc_version_field,
+    )
+
+
+def schema_registry(settings: Settings) -> Any | None:
+    """The registry client when a topic's format needs one (service.registry)."""
+    s = settings
+    formats = [TopicFormat.parse(s.message_format), *s.formats().values()]
+    if not any(f.uses_registry for f in formats) or not s.schema_registry_url:
+        return None
+    from service.registry import SchemaRegistry
+
+    return SchemaRegistry(
+        s.schema_registry_url,
+        username=s.schema_registry_username,
+        password=s.schema_registry_password.get_secret_value()
+        if s.schema_registry_password
+        else None,
+        ca_file=str(s.schema_registry_ca_file) if s.schema_registry_ca_file else None,
     )
 
 
@@ -330,6 +351,7 @@ class Service:
         self.searcher: Searcher | None = None
         self.cluster: ClusterInfo | None = None
         self.index: str | None = None  # the index written (settings.es_index or behind it)
+        self.registry: Any | None = None  # service.registry.SchemaRegistry, when one is needed
         self._es_monitor = True  # the user may read cluster health (else: index checks)
         self._runner: web.AppRunner | None = None
         self._pipeline_task: asyncio.Task[None] | None = None
@@ -410,6 +432,7 @@ class Service:
         except StartupError:
             await self._stop_kafka_clients()
             raise
+        self.registry = schema_registry(s)
         try:
             from encoder import EncodeStats
 
@@ -426,6 +449,7 @@ class Service:
             skip_unchanged=s.skip_unchanged,
             unavailable_backoff_s=s.es_unavailable_backoff_s,
             stats_factory=stats_factory,
+            registry=self.registry,
         )
         self.pipeline = Pipeline(
             self.consumer,
@@ -543,6 +567,8 @@ class Service:
                 await self._pipeline_task
         finally:
             await self._stop_kafka_clients()
+            if self.registry is not None:
+                await self.registry.close()
             if self._runner is not None:
                 await self._runner.cleanup()
             if self.es is not None:

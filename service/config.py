@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.messages import TopicFormat
+
 ENV_PREFIX = "SPARSE_INGEST_"
 
 
@@ -99,6 +101,13 @@ class Settings(BaseSettings):
     # Raise it after a topic is recreated or restored elsewhere (offsets start again), so that
     # the new records win over every stored version of the old epoch (README: Versions)
     version_epoch: int = Field(default=0, ge=0, le=2**19 - 1)
+    # the format of every topic's records: json (default), avro, json-schema, protobuf (the
+    # Confluent wire format, schemas from SCHEMA_REGISTRY_URL), debezium (change events, JSON),
+    # debezium+avro, ... (README: Message formats); TOPIC_FORMATS: per topic, topic=format,...
+    message_format: str = "json"
+    topic_formats: CsvList = Field(default_factory=list)
+    # where a Debezium change event carries its log position, the version (Postgres)
+    cdc_version_field: str = "source.lsn"
     max_message_bytes: int = Field(default=1_000_000, ge=1)
     max_text_chars: int = Field(default=200_000, ge=1)
 
@@ -123,6 +132,12 @@ class Settings(BaseSettings):
     es_bulk_max_backoff_s: float = Field(default=10.0, gt=0)
     es_unavailable_backoff_s: float = Field(default=2.0, gt=0)
     es_prune_below: float = Field(default=0.0, ge=0.0)
+
+    # --- Schema registry (Confluent-compatible API: Confluent, Apicurio's ccompat, Karapace) ---
+    schema_registry_url: str | None = None
+    schema_registry_username: str | None = None
+    schema_registry_password: SecretStr | None = None
+    schema_registry_ca_file: Path | None = None
 
     # --- Encoder ------------------------------------------------------------------------------
     model_dir: Path = Field(default_factory=_default_model_dir)
@@ -156,7 +171,25 @@ class Settings(BaseSettings):
     http_max_concurrent: int = Field(default=8, ge=1)
     http_bearer_token: SecretStr | None = None
 
-    _split = field_validator("kafka_topics", "text_fields", mode="before")(_split_list)
+    _split = field_validator("kafka_topics", "text_fields", "topic_formats", mode="before")(
+        _split_list
+    )
+
+    @field_validator("message_format")
+    @classmethod
+    def _valid_format(cls, value: str) -> str:
+        TopicFormat.parse(value)
+        return value
+
+    @field_validator("topic_formats")
+    @classmethod
+    def _valid_topic_formats(cls, value: list[str]) -> list[str]:
+        for item in value:
+            topic, sep, fmt = item.partition("=")
+            if not sep or not topic.strip():
+                raise ValueError(f"expected topic=format, got {item!r}")
+            TopicFormat.parse(fmt)
+        return value
 
     @field_validator("kafka_topics", "text_fields")
     @classmethod
@@ -176,7 +209,7 @@ class Settings(BaseSettings):
             raise ValueError('must not contain spaces or any of \\ / * ? " < > | , # :')
         return value
 
-    @field_validator("es_ca_certs", "kafka_ssl_cafile")
+    @field_validator("es_ca_certs", "kafka_ssl_cafile", "schema_registry_ca_file")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -206,6 +239,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SPARSE_INGEST_ES_CA_CERTS is set but SPARSE_INGEST_ES_URL is not https://"
             )
+        registry_topics = [t for t, f in self.formats().items() if f.uses_registry]
+        if (registry_topics or TopicFormat.parse(self.message_format).uses_registry) and not (
+            self.schema_registry_url
+        ):
+            raise ValueError(
+                f"SPARSE_INGEST_MESSAGE_FORMAT / SPARSE_INGEST_TOPIC_FORMATS name a schema-registry "
+                f"format ({self.message_format}, {registry_topics}): set "
+                "SPARSE_INGEST_SCHEMA_REGISTRY_URL"
+            )
+        unknown = sorted(set(self.formats()) - set(self.kafka_topics))
+        if unknown:
+            raise ValueError(
+                f"SPARSE_INGEST_TOPIC_FORMATS names topics not in SPARSE_INGEST_KAFKA_TOPICS: {unknown}"
+            )
         if self.es_api_key is not None and self.es_username:
             raise ValueError(
                 "set either SPARSE_INGEST_ES_API_KEY or SPARSE_INGEST_ES_USERNAME, not both"
@@ -216,6 +263,14 @@ class Settings(BaseSettings):
     def es_url_redacted(self) -> str:
         """``es_url`` fit for logs and messages (a password in the URL is masked)."""
         return redact_url(self.es_url)
+
+    def formats(self) -> dict[str, TopicFormat]:
+        """The per-topic formats of TOPIC_FORMATS (the others: MESSAGE_FORMAT)."""
+        out = {}
+        for item in self.topic_formats:
+            topic, _, fmt = item.partition("=")
+            out[topic.strip()] = TopicFormat.parse(fmt)
+        return out
 
     @property
     def dead_letter_topic(self) -> str:

@@ -173,6 +173,7 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
         kafka_security,
         load_encoder,
         message_contract,
+        schema_registry,
     )
     from service.deadletter import DeadLetterWriter
     from service.metrics import Metrics
@@ -221,6 +222,7 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
     async def consume(stream: Any) -> None:
         loaded = encoder if encoder is not None else await asyncio.to_thread(load_encoder, settings)
         es = elasticsearch_client(settings)
+        registry = schema_registry(settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             client_id=f"{settings.kafka_client_id}-dlq",
@@ -244,6 +246,7 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
                 model_name=loaded.metadata.name,
                 skip_unchanged=settings.skip_unchanged,
                 unavailable_backoff_s=settings.es_unavailable_backoff_s,
+                registry=registry,
             )
             log.info("faust agent ready: %s -> index %r", settings.kafka_topics, settings.es_index)
             seq = 0
@@ -270,6 +273,8 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
         finally:
             await producer.stop()
             await es.close()
+            if registry is not None:
+                await registry.close()
 
     @app.agent(source)
     async def ingest(stream: Any) -> None:

@@ -15,9 +15,9 @@ This module is pure: no I/O, so every rule is unit-tested without a broker.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, Protocol, cast
 
 import orjson
 import xxhash
@@ -78,6 +78,52 @@ class BadRecord(Exception):
         self.detail = detail
 
 
+Serialization = Literal["json", "avro", "json-schema", "protobuf"]
+Envelope = Literal["plain", "debezium"]
+SERIALIZATIONS: tuple[Serialization, ...] = ("json", "avro", "json-schema", "protobuf")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicFormat:
+    """How a topic's records are written: the serialization of key and value (JSON, or a
+    schema-registry format in the Confluent wire format) and the envelope around the document
+    (``plain``: the value is the document; ``debezium``: a Debezium change event)."""
+
+    envelope: Envelope = "plain"
+    serialization: Serialization = "json"
+
+    @classmethod
+    def parse(cls, text: str) -> TopicFormat:
+        """``json``, ``avro``, ``json-schema``, ``protobuf``, ``debezium`` (JSON) or
+        ``debezium+<serialization>`` (e.g. ``debezium+avro``)."""
+        parts = text.strip().lower().split("+")
+        envelope: Envelope = "plain"
+        if parts[0] == "debezium":
+            envelope = "debezium"
+            parts = parts[1:] or ["json"]
+        if len(parts) != 1 or parts[0] not in SERIALIZATIONS:
+            raise ValueError(
+                f"unknown format {text!r}: one of {', '.join(SERIALIZATIONS)}, debezium, "
+                "or debezium+<one of those>"
+            )
+        return cls(envelope, parts[0])
+
+    @property
+    def uses_registry(self) -> bool:
+        return self.serialization != "json"
+
+    def __str__(self) -> str:
+        if self.envelope == "debezium":
+            return "debezium" + ("" if self.serialization == "json" else f"+{self.serialization}")
+        return self.serialization
+
+
+class Loads(Protocol):
+    """Decodes a schema-registry payload (service.registry.SchemaRegistry.decode)."""
+
+    def __call__(self, data: bytes, expected: Serialization, where: str) -> object: ...
+
+
 @dataclass(frozen=True, slots=True)
 class MessageContract:
     id_field: str = "id"
@@ -91,6 +137,14 @@ class MessageContract:
     # offset of a lower one (after a topic is recreated or restored, or to replay on purpose)
     version_epoch: int = 0
     reserved: frozenset[str] = field(default_factory=frozenset)
+    default_format: TopicFormat = TopicFormat()
+    formats: Mapping[str, TopicFormat] = field(default_factory=dict)  # per topic
+    # where a Debezium change event carries its log position (Postgres: source.lsn); in the
+    # flattened form (ExtractNewRecordState, add.fields) the same with "__" and "_": __source_lsn
+    cdc_version_field: str = "source.lsn"
+
+    def format_for(self, topic: str) -> TopicFormat:
+        return self.formats.get(topic, self.default_format)
 
     def reserved_fields(self) -> frozenset[str]:
         return self.reserved | {self.vector_field, META_FIELD}
@@ -176,79 +230,126 @@ def _check_id(raw: object, where: str) -> str:
     return doc_id
 
 
-def decode_record(
+_MISSING: Any = object()
+
+
+def get_path(doc: Mapping[str, Any], path: str) -> Any:
+    """``doc[path]``, else the dotted path into nested objects (``after.title``); ``_MISSING``
+    when neither is there."""
+    if path in doc:
+        return doc[path]
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _unwrap(obj: object) -> object:
+    """The payload of Kafka Connect's JsonConverter with ``schemas.enable=true``."""
+    if isinstance(obj, dict) and len(obj) == 2 and "schema" in obj and "payload" in obj:
+        return obj["payload"]
+    return obj
+
+
+def _load(
+    contract: MessageContract, fmt: TopicFormat, data: bytes, where: str, loads: Loads | None
+) -> object:
+    """Bytes -> Python data: JSON (UTF-8, one BOM allowed), or a schema-registry format."""
+    if fmt.uses_registry:
+        if loads is None:  # the settings make a registry when a format needs one
+            raise BadRecord("unsupported_schema", f"no schema registry to read {where} with")
+        obj = loads(data, fmt.serialization, where)
+    else:
+        if data.startswith(_BOM):  # RFC 8259 lets a parser ignore one; some producers send it
+            data = data[len(_BOM) :]
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRecord(
+                "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise BadRecord("invalid_json", f"{where} is not JSON: {exc}") from None
+    if isinstance(obj, dict | list) and _deeper_than(obj, MAX_DEPTH):
+        raise BadRecord(
+            "too_deep", f"{where} nests objects and arrays more than {MAX_DEPTH} levels deep"
+        )
+    return obj
+
+
+def _key_id(
+    contract: MessageContract, fmt: TopicFormat, key: bytes | None, loads: Loads | None
+) -> str | None:
+    """The document id the key gives: the key as text (plain JSON topics), or, for change
+    events and schema-registry keys, the key's id field, its only field (Debezium's
+    ``{"id": 42}``), or all its fields (a composite primary key, as sorted JSON)."""
+    if not key:
+        return None
+    if fmt.uses_registry and key[:1] == b"\x00" and len(key) >= 5:
+        obj: object = _load(contract, fmt, key, "the key", loads)
+    else:
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
+        obj = text
+        if fmt.envelope == "debezium":
+            try:
+                obj = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                obj = text
+    obj = _unwrap(obj)
+    if isinstance(obj, dict):
+        value = get_path(obj, contract.id_field)
+        if value is _MISSING:
+            if len(obj) == 1:
+                value = next(iter(obj.values()))
+            else:
+                value = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+        obj = value
+    return _check_id(obj, "the key")
+
+
+def _version(
     contract: MessageContract,
     ref: RecordRef,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes]] = (),
-) -> Action:
-    """Turn one Kafka record into an action, or raise :class:`BadRecord` saying why not."""
-    if value is None:
-        if not key:
-            raise BadRecord(
-                "tombstone_without_key", "a null value (delete) needs the id as the key"
-            )
-        try:
-            doc_id = _check_id(key.decode("utf-8"), "the key")
-        except UnicodeDecodeError:
-            raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
-        version = _header_version(headers, contract.version_header)
-        if version is None:
-            version = offset_version(contract.version_epoch, ref.offset)
-        return Delete(ref, doc_id, version)
+    raw: object,
+    where: str,
+    headers: Sequence[tuple[str, bytes]],
+) -> int:
+    """The version field's value when there is one, else the version header, else the offset."""
+    if raw is not _MISSING and raw is not None:
+        return _parse_version(raw, where)
+    version = _header_version(headers, contract.version_header)
+    if version is None:
+        version = offset_version(contract.version_epoch, ref.offset)
+    return version
 
-    if len(value) > contract.max_message_bytes:
-        raise BadRecord(
-            "too_large",
-            f"value is {len(value)} bytes, over SPARSE_INGEST_MAX_MESSAGE_BYTES={contract.max_message_bytes}",
-        )
-    if value.startswith(_BOM):  # RFC 8259 lets a parser ignore one; some producers send it
-        value = value[len(_BOM) :]
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadRecord(
-            "invalid_utf8", f"value is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise BadRecord("invalid_json", f"value is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRecord("not_an_object", f"value must be a JSON object, got {type(doc).__name__}")
-    if _deeper_than(doc, MAX_DEPTH):
-        raise BadRecord(
-            "too_deep", f"value nests objects and arrays more than {MAX_DEPTH} levels deep"
-        )
 
-    clash = contract.reserved_fields().intersection(doc)
+def _in_row(path: str) -> str:
+    """A path into a change event's new row: ``after.title`` and ``title`` both name it."""
+    return path.removeprefix("after.")
+
+
+def _upsert(
+    contract: MessageContract,
+    ref: RecordRef,
+    row: dict[str, Any],
+    doc_id: str,
+    version: int,
+    in_row: bool = False,
+) -> Upsert:
+    clash = contract.reserved_fields().intersection(row)
     if clash:
         raise BadRecord("reserved_field", f"field(s) {sorted(clash)} are written by the service")
-
-    raw_id = doc.get(contract.id_field)
-    if raw_id is not None:
-        doc_id = _check_id(raw_id, f"field {contract.id_field!r}")
-    elif key:
-        try:
-            doc_id = _check_id(key.decode("utf-8"), "the key")
-        except UnicodeDecodeError:
-            raise BadRecord("invalid_utf8", "the key is not valid UTF-8") from None
-    else:
-        raise BadRecord("missing_id", f"no {contract.id_field!r} field and no key")
-
-    raw_version = doc.get(contract.version_field)
-    if raw_version is not None:
-        version = _parse_version(raw_version, f"field {contract.version_field!r}")
-    else:
-        version = _header_version(headers, contract.version_header)
-        if version is None:
-            version = offset_version(contract.version_epoch, ref.offset)
-
     parts: list[str] = []
     for name in contract.text_fields:
-        text = doc.get(name)
-        if text is None:
+        text = get_path(row, _in_row(name) if in_row else name)
+        if text is None or text is _MISSING:
             continue
         if not isinstance(text, str):
             raise BadRecord(
@@ -266,7 +367,122 @@ def decode_record(
             "text_too_long",
             f"text is {len(text)} characters, over SPARSE_INGEST_MAX_TEXT_CHARS={contract.max_text_chars}",
         )
-    return Upsert(ref, doc_id, version, text, doc)
+    return Upsert(ref, doc_id, version, text, row)
+
+
+def _row_id(contract: MessageContract, row: object, key_id: str | None, what: str) -> str:
+    """A change event's document id: the record key (Debezium keys a row's events by its
+    primary key), else the id field of the row."""
+    if key_id is not None:
+        return key_id
+    path = _in_row(contract.id_field)
+    raw = get_path(row, path) if isinstance(row, dict) else _MISSING
+    if raw is not _MISSING and raw is not None:
+        return _check_id(raw, f"field {contract.id_field!r}")
+    raise BadRecord("missing_id", f"no key and no {contract.id_field!r} field in {what}")
+
+
+def _change_event(
+    contract: MessageContract,
+    ref: RecordRef,
+    key_id: str | None,
+    event: object,
+    headers: Sequence[tuple[str, bytes]],
+) -> Action:
+    """A Debezium change event: the envelope (``op``, ``before``, ``after``, ``source``), or
+    the flattened row of ExtractNewRecordState (``__deleted``, ``__op``, added ``__*`` fields).
+    The version is the event's log position (``cdc_version_field``, Postgres: ``source.lsn``),
+    which only grows for a row; without one, the version header, else the offset."""
+    event = _unwrap(event)
+    if not isinstance(event, dict):
+        raise BadRecord(
+            "not_an_object", f"a change event must be an object, got {type(event).__name__}"
+        )
+    path = contract.cdc_version_field
+    if "op" in event and ("after" in event or "before" in event):
+        op = event.get("op")
+        version = _version(contract, ref, get_path(event, path), f"field {path!r}", headers)
+        if op in ("c", "r", "u"):
+            after = event.get("after")
+            if not isinstance(after, dict):
+                raise BadRecord(
+                    "invalid_change_event", f"op {op!r} needs an 'after' object (the new row)"
+                )
+            doc_id = _row_id(contract, after, key_id, "'after'")
+            return _upsert(contract, ref, after, doc_id, version, in_row=True)
+        if op == "d":
+            return Delete(ref, _row_id(contract, event.get("before"), key_id, "'before'"), version)
+        if op in ("t", "m"):
+            raise BadRecord(
+                "unsupported_change",
+                f"op {op!r} ({'truncate' if op == 't' else 'message'}) changes no single row: "
+                "after a TRUNCATE delete the documents or reindex",
+            )
+        raise BadRecord("invalid_change_event", "field 'op' must be one of c, r, u, d")
+    # the flattened form
+    flat_path = "__" + path.replace(".", "_")
+    raw = event.get(flat_path, event.get("__" + path.rsplit(".", 1)[-1], _MISSING))
+    version = _version(contract, ref, raw, f"field {flat_path!r}", headers)
+    row = {k: v for k, v in event.items() if not k.startswith("__")}
+    if event.get("__deleted") in (True, "true") or event.get("__op") == "d":
+        return Delete(ref, _row_id(contract, row, key_id, "the row"), version)
+    doc_id = _row_id(contract, row, key_id, "the row")
+    return _upsert(contract, ref, row, doc_id, version, in_row=True)
+
+
+def decode_record(
+    contract: MessageContract,
+    ref: RecordRef,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    loads: Loads | None = None,
+) -> Action | None:
+    """Turn one Kafka record into an action, or raise :class:`BadRecord` saying why not.
+    None: nothing to do (the tombstone Debezium sends after a delete event, for compaction).
+    ``loads`` decodes schema-registry payloads (topics whose format needs one)."""
+    fmt = contract.format_for(ref.topic)
+    if value is not None and len(value) > contract.max_message_bytes:
+        raise BadRecord(
+            "too_large",
+            f"value is {len(value)} bytes, over SPARSE_INGEST_MAX_MESSAGE_BYTES={contract.max_message_bytes}",
+        )
+    if fmt.envelope == "debezium":
+        if value is None:
+            return None
+        key_id = _key_id(contract, fmt, key, loads)
+        return _change_event(
+            contract, ref, key_id, _load(contract, fmt, value, "the value", loads), headers
+        )
+
+    if value is None:
+        if not key:
+            raise BadRecord(
+                "tombstone_without_key", "a null value (delete) needs the id as the key"
+            )
+        doc_id = _key_id(contract, fmt, key, loads)
+        assert doc_id is not None
+        return Delete(ref, doc_id, _version(contract, ref, _MISSING, "", headers))
+
+    doc = _load(contract, fmt, value, "value", loads)
+    if not isinstance(doc, dict):
+        raise BadRecord("not_an_object", f"value must be a JSON object, got {type(doc).__name__}")
+    raw_id = get_path(doc, contract.id_field)
+    if raw_id is not _MISSING and raw_id is not None:
+        doc_id = _check_id(raw_id, f"field {contract.id_field!r}")
+    else:
+        key_id = _key_id(contract, fmt, key, loads)
+        if key_id is None:
+            raise BadRecord("missing_id", f"no {contract.id_field!r} field and no key")
+        doc_id = key_id
+    version = _version(
+        contract,
+        ref,
+        get_path(doc, contract.version_field),
+        f"field {contract.version_field!r}",
+        headers,
+    )
+    return _upsert(contract, ref, doc, doc_id, version)
 
 
 def vector_fingerprint(model_name: str, encoder_fingerprint: str, prune_below: float) -> str:

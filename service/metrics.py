@@ -56,6 +56,15 @@ class Metrics:
             "documents_skipped_unchanged_total",
             "upserts whose text had not changed: written without encoding again",
         )
+        self.documents_ignored = counter(
+            "documents_ignored_total",
+            "records that change nothing: the tombstone Debezium sends after a delete event",
+            ("topic",),
+        )
+        self.schema_registry_unavailable = counter(
+            "schema_registry_unavailable_total",
+            "schema look-ups that failed because the registry did not answer (retried)",
+        )
         self.documents_dead_lettered = counter(
             "documents_dead_lettered_total", "records sent to the dead-letter topic", ("reason",)
         )

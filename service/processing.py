@@ -114,6 +114,10 @@ class Batch:
     to_write: list[Action] = field(default_factory=list)
     to_encode: list[Upsert] = field(default_factory=list)
     isolated: bool = False  # a step raised: its actions were processed one by one instead
+    # records whose schema the registry has not given yet: decoded by prepare()
+    pending: list[tuple[RecordRef, bytes | None, bytes | None, list[tuple[str, bytes]]]] = field(
+        default_factory=list
+    )
 
 
 class BatchProcessor:
@@ -130,8 +134,10 @@ class BatchProcessor:
         unavailable_backoff_s: float = 2.0,
         max_unavailable_backoff_s: float = 30.0,
         stats_factory: Callable[[], Any] | None = None,
+        registry: Any | None = None,
     ) -> None:
         self.encoder = encoder
+        self.registry = registry  # service.registry.SchemaRegistry, for wire-format topics
         self.sink = sink
         self.dead_letters = dead_letters
         self.contract = contract
@@ -181,8 +187,29 @@ class BatchProcessor:
             )
             return
         ref = RecordRef(topic, partition, offset, timestamp_ms)
+        if self.registry is not None and self._schemas_missing(key, value):
+            batch.pending.append((ref, key, value, headers))  # the schema comes first (prepare)
+            return
+        self._decode(batch, ref, key, value, headers)
+
+    def _schemas_missing(self, *payloads: bytes | None) -> bool:
+        from service.registry import wire_schema_id
+
+        assert self.registry is not None
+        ids = (wire_schema_id(p) for p in payloads)
+        return any(i is not None and not self.registry.known(i) for i in ids)
+
+    def _decode(
+        self,
+        batch: Batch,
+        ref: RecordRef,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        loads = self.registry.decode if self.registry is not None else None
         try:
-            action = decode_record(self.contract, ref, key, value, headers)
+            action = decode_record(self.contract, ref, key, value, headers, loads)
         except BadRecord as bad:
             log.warning("dead-lettering %s: %s", ref, bad)
             batch.dead.append(DeadLetter(ref, key, value, headers, bad.reason, bad.detail))
@@ -198,10 +225,41 @@ class BatchProcessor:
                 DeadLetter(ref, key, value, headers, "internal_error", _internal(exc))
             )
             return
+        if action is None:  # e.g. Debezium's tombstone after its delete event
+            self.metrics.documents_ignored.labels(ref.topic).inc()
+            return
         batch.actions.append(action)
         batch.raw[ref] = (key, value, headers)
         if isinstance(action, Upsert):
             batch.est_tokens += estimate_tokens(action.text)
+
+    async def _decode_pending(self, batch: Batch) -> None:
+        """Fetch the schemas the batch's pending records need (waiting, with backoff, while
+        the registry does not answer: nothing is dead-lettered for an outage), then decode
+        them."""
+        if not batch.pending or self.registry is None:
+            return
+        from service.registry import RegistryUnavailable, wire_schema_id
+
+        ids = {
+            i
+            for _, key, value, _ in batch.pending
+            for i in (wire_schema_id(key), wire_schema_id(value))
+            if i is not None
+        }
+        delay = self.unavailable_backoff_s
+        while True:
+            try:
+                await self.registry.fetch(ids)
+                break
+            except RegistryUnavailable as exc:
+                self.metrics.schema_registry_unavailable.inc()
+                log.warning("schema registry unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_unavailable_backoff_s)
+        pending, batch.pending = batch.pending, []
+        for ref, key, value, headers in pending:
+            self._decode(batch, ref, key, value, headers)
 
     async def process(self, batch: Batch) -> None:
         """All steps in turn (the Faust runner's way; the pipeline overlaps them)."""
@@ -211,6 +269,7 @@ class BatchProcessor:
         await self.finish(batch)
 
     async def prepare(self, batch: Batch) -> None:
+        await self._decode_pending(batch)
         await self._guarded("prepare", self._prepare, batch)
 
     async def encode(self, batch: Batch) -> None:
