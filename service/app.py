@@ -114,18 +114,53 @@ def build_sink(settings: Settings, es: AsyncElasticsearch, encoder: Any) -> Elas
 
 
 async def open_index(sink: ElasticsearchSink, settings: Settings) -> str:
-    """:meth:`ElasticsearchSink.ensure_index`, its errors as :class:`StartupError`."""
+    """:meth:`ElasticsearchSink.ensure_index` and a check that this user may read and write
+    it; the errors as :class:`StartupError`."""
     try:
-        return await sink.ensure_index(create=settings.es_create_index)
+        index = await sink.ensure_index(create=settings.es_create_index)
     except ValueError as exc:  # missing and not to be created, wrong mapping, other model
         raise StartupError(str(exc)) from None
     except AuthorizationException as exc:
         raise StartupError(
-            f"Elasticsearch refused to {'create' if settings.es_create_index else 'read'} "
-            f"index {settings.es_index!r} for this user ({exc.message}): grant the index "
-            "privileges of README: Least privilege, or create the index and alias with an "
-            "administrator and set SPARSE_INGEST_ES_CREATE_INDEX=false"
+            f"Elasticsearch refused this user {exc.message} on index {settings.es_index!r}: "
+            "grant the index privileges of README: Least privilege (read, write, "
+            "view_index_metadata; create_index and manage to create it), or create the index "
+            "and alias as an administrator and set SPARSE_INGEST_ES_CREATE_INDEX=false"
         ) from None
+    except ApiError as exc:
+        raise StartupError(
+            f"Elasticsearch refused to open index {settings.es_index!r}: {exc.message}"
+        ) from None
+    missing = await missing_privileges(sink.client, [settings.es_index, index])
+    if missing:
+        raise StartupError(
+            f"this Elasticsearch user lacks the index privilege(s) {', '.join(missing)} on "
+            f"{settings.es_index!r} ({index}): documents could be neither written nor checked. "
+            "Grant them (README: Least privilege)"
+        )
+    return index
+
+
+async def missing_privileges(
+    client: AsyncElasticsearch, names: list[str], wanted: tuple[str, ...] = ("read", "write")
+) -> list[str]:
+    """The index privileges of ``wanted`` this user lacks on ``names`` (``_has_privileges``,
+    which any user may call); none when the cluster cannot say (security off)."""
+    try:
+        resp = await client.options(max_retries=0).security.has_privileges(
+            index=[{"names": sorted(set(names)), "privileges": list(wanted)}]
+        )
+    except (ApiError, EsConnectionError):
+        return []
+    if resp.get("has_all_requested", True):
+        return []
+    lacking = {
+        privilege
+        for privileges in resp.get("index", {}).values()
+        for privilege, granted in privileges.items()
+        if not granted
+    }
+    return sorted(lacking)
 
 
 class StartupError(RuntimeError):

@@ -207,6 +207,8 @@ class Settings(BaseSettings):
             )
         if any(c in value for c in ' \\/*?"<>|,#:'):
             raise ValueError('must not contain spaces or any of \\ / * ? " < > | , # :')
+        if len(value.encode()) > 242:  # + "-<12 hex>" of the versioned index: 255 at most
+            raise ValueError("must be at most 242 bytes (the index behind it adds 13)")
         return value
 
     @field_validator("es_ca_certs", "kafka_ssl_cafile", "schema_registry_ca_file")

@@ -78,12 +78,14 @@ class CompatibleTransport(AsyncTransport):
         if not self._negotiated and method == "HEAD":
             # a refused HEAD has no body to say which versions would do: ask with a GET first
             await self.negotiate(headers)
+        sent = self.compatible_with
         response = await super().perform_request(
             method, target, headers=self._with_version(headers), **kwargs
         )
         versions = accepted_versions(response.meta.status, response.body)
-        if versions and versions[0] != self.compatible_with:
-            self._switch(versions)
+        if versions and versions[0] != sent:  # refused what was sent: again, as now agreed
+            if versions[0] != self.compatible_with:  # not switched meanwhile by another request
+                self._switch(versions)
             response = await super().perform_request(
                 method, target, headers=self._with_version(headers), **kwargs
             )

@@ -391,6 +391,7 @@ class Pipeline(ConsumerRebalanceListener):
     # ------------------------------------------------------------------ commit
     async def commit(self, force: bool = False) -> None:
         assignment = self.consumer.assignment()
+        await self._past_markers(assignment)
         offsets = {
             tp: off
             for tp, off in self._committable.items()
@@ -408,6 +409,25 @@ class Pipeline(ConsumerRebalanceListener):
                     "offset commit failed (%s); the records will be re-read, which is safe", exc
                 )
         self.update_lag()
+
+    async def _past_markers(self, assignment: set[TopicPartition]) -> None:
+        """With nothing in flight, every record taken is written: the committable offset of a
+        partition may then go up to the consumer's position, past what never reaches us (a
+        transaction's commit marker, an aborted transaction's records). Else a transactional
+        topic's lag never reaches 0, and a reader of the committed offsets (``reindex``) never
+        sees it caught up. (``position`` does not wait for a partition that has one.)"""
+        if self._made != self._done or self._open.records:
+            return
+        positions = {}
+        for tp in assignment:
+            if tp in self._committable:
+                with contextlib.suppress(Exception):
+                    positions[tp] = await self.consumer.position(tp)
+        if self._made != self._done or self._open.records:  # something was taken meanwhile
+            return
+        for tp, position in positions.items():
+            if position > self._committable.get(tp, -1):
+                self._committable[tp] = position
 
     def update_lag(self) -> None:
         """Consumer lag per partition: high watermark minus the committed offset."""

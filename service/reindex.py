@@ -40,6 +40,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from elasticsearch import ApiError, AsyncElasticsearch
 
@@ -63,8 +64,11 @@ class AliasState:
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # index -> _meta.sparse_ingest
 
 
-async def alias_state(es: AsyncElasticsearch, name: str) -> AliasState:
-    resp = await es.options(ignore_status=404).indices.get(index=name)
+async def alias_state(es: AsyncElasticsearch, name: str, closed: bool = False) -> AliasState:
+    """What ``name`` is; ``closed``: a pattern also matches closed indices."""
+    resp = await es.options(ignore_status=404).indices.get(
+        index=name, expand_wildcards="all" if closed else "open"
+    )
     if resp.meta.status == 404:
         return AliasState(name, (), is_alias=False)
     body = dict(resp.body)
@@ -159,6 +163,45 @@ class LagMeter:
         return Progress(done, total, lag, max(0.0, rate), caught_up)
 
 
+async def check_history(settings: Settings) -> list[str]:
+    """Why the topics may not hold every document's latest change: partitions whose oldest
+    records were deleted (retention) on topics that are not compacted. A reindex from them
+    would miss the documents whose last change is older."""
+    meter = LagMeter(settings, "-")
+    problems: list[str] = []
+    try:
+        await meter.start()
+        await meter.consumer._client.force_metadata_update()
+        for topic in settings.kafka_topics:
+            ids = meter.consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(ids)]
+            starts = await meter.consumer.beginning_offsets(tps) if tps else {}
+            lost = {tp.partition: off for tp, off in starts.items() if off > 0}
+            if not lost:
+                continue
+            configs = await meter.admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic)]
+            )
+            policy = next(
+                (
+                    str(entry[1])
+                    for resp in configs
+                    for res in resp.resources
+                    for entry in res[4]
+                    if entry[0] == "cleanup.policy"
+                ),
+                "delete",
+            )
+            if "compact" not in policy:
+                problems.append(
+                    f"topic {topic} (cleanup.policy={policy}) starts past offset 0 in partition(s) "
+                    + ", ".join(f"{p} (at {o})" for p, o in sorted(lost.items()))
+                )
+    finally:
+        await meter.stop()
+    return problems
+
+
 @dataclass(slots=True)
 class ReindexResult:
     index: str
@@ -220,6 +263,7 @@ async def reindex(
     encoder: Any | None = None,
     stop: asyncio.Event | None = None,
     report: Callable[[Progress], None] | None = None,
+    allow_incomplete: bool = False,
 ) -> ReindexResult:
     """Build the new index with ``model_dir``'s model and swap the alias (module docs).
     Returns after the swap with ``exit_after_swap``, else when ``stop`` is set."""
@@ -233,6 +277,15 @@ async def reindex(
     from service.sink import versioned_index
 
     stop = stop or asyncio.Event()
+    lost = await check_history(settings)
+    if lost and not allow_incomplete:
+        raise ReindexError(
+            "the topics no longer hold every document's latest change: "
+            + "; ".join(lost)
+            + ". A reindex would miss the documents whose last change was deleted by retention. "
+            "Reindex needs compacted topics (cleanup.policy=compact) or unlimited retention; "
+            "--allow-incomplete goes on anyway"
+        )
     new_model: Any = encoder or await asyncio.to_thread(
         load_encoder, settings.model_copy(update={"model_dir": model_dir})
     )
@@ -301,11 +354,19 @@ async def reindex(
                     log.info("caught up; --no-swap: alias %s left as it is", alias)
                     break
                 assert service.es is not None
+                current = await alias_state(service.es, alias)
+                if current.indices and not current.is_alias:
+                    members = await group_members(settings, settings.kafka_group_id)
+                    if members:
+                        # it writes that index by its name: after the swap the name is the
+                        # alias, and it would write the old model's vectors into the new index
+                        raise ReindexError(
+                            f"{alias!r} is an index that the old deployment (group "
+                            f"{settings.kafka_group_id!r}, {members} member(s)) still writes by "
+                            "name: stop it, then run the reindex again to swap (it resumes)"
+                        )
                 await service.es.indices.refresh(index=target)
-                await swap_alias(
-                    service.es, await alias_state(service.es, alias), target,
-                    replace_index=replace_index,
-                )  # fmt: skip
+                await swap_alias(service.es, current, target, replace_index=replace_index)
                 result.swapped = True
                 log.info(
                     "swapped alias %s: %s -> %s. Deploy the service with "
@@ -329,45 +390,76 @@ async def reindex(
     return result
 
 
-async def retire(settings: Settings, index: str, group: str | None) -> list[str]:
-    """Delete an index no longer behind the alias, and a consumer group's offsets."""
-    from service.app import check_elasticsearch, elasticsearch_client, kafka_security
+def _kafka_admin(settings: Settings, what: str) -> AIOKafkaAdminClient:
+    from service.app import kafka_security
 
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"{settings.kafka_client_id}-{what}",
+        **kafka_security(settings),
+    )
+
+
+async def group_members(settings: Settings, group: str) -> int:
+    """How many consumers are in ``group`` now (0: none, or no such group)."""
+    admin = _kafka_admin(settings, "describe")
+    try:
+        await admin.start()
+        responses = await admin.describe_consumer_groups([group])
+        return sum(len(g[5]) for r in responses for g in r.groups if g[1] == group)
+    finally:
+        await admin.close()
+
+
+async def delete_group(settings: Settings, group: str) -> str:
+    """Delete a consumer group without members (its committed offsets)."""
+    admin = _kafka_admin(settings, "retire")
+    try:
+        await admin.start()
+        node = await admin.find_coordinator(group)
+        # aiokafka's admin client has no delete_consumer_groups: the protocol request
+        response = await admin._send_request(DeleteGroupsRequest([group]), node)
+        _, code = response.results[0]
+    finally:
+        await admin.close()
+    if code == 68:  # NON_EMPTY_GROUP
+        raise ReindexError(
+            f"consumer group {group!r} still has members: stop the old deployment first "
+            "(nothing was deleted)"
+        )
+    if code not in (0, 69):  # 69: GROUP_ID_NOT_FOUND
+        raise ReindexError(f"deleting consumer group {group!r} failed (Kafka error {code})")
+    return f"deleted consumer group {group}" if code == 0 else f"no consumer group {group}"
+
+
+async def retire(settings: Settings, index: str, group: str | None) -> list[str]:
+    """Delete an index no longer behind the alias, and the old deployment's consumer group.
+    The group goes first: one that still has members (the old deployment runs, and would
+    auto-create the deleted index again) stops the retire before anything is deleted."""
+    from service.app import check_elasticsearch, elasticsearch_client
+
+    if not index or any(c in index for c in ",*?") or index.startswith(("_", "-")):
+        raise ReindexError(f"give one index name, not a pattern or a list: {index!r}")
     done: list[str] = []
     es = elasticsearch_client(settings)
     try:
         await check_elasticsearch(es, settings)
-        state = await alias_state(es, settings.es_index)
-        if index in state.indices:
+        serving = await alias_state(es, settings.es_index)
+        target = await alias_state(es, index)
+        if not target.indices:
+            raise ReindexError(f"no index {index!r}")
+        if target.is_alias or target.indices != (index,):
+            raise ReindexError(f"{index!r} is an alias, not an index")
+        if index in serving.indices:
             raise ReindexError(
                 f"{index!r} is what {settings.es_index!r} serves now: it cannot be retired"
             )
-        resp = await es.options(ignore_status=404).indices.delete(index=index)
-        if resp.meta.status != 404:
-            done.append(f"deleted index {index}")
+        if group:
+            done.append(await delete_group(settings, group))
+        await es.indices.delete(index=index)
+        done.insert(0, f"deleted index {index}")
     finally:
         await es.close()
-    if group:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            client_id=f"{settings.kafka_client_id}-retire",
-            **kafka_security(settings),
-        )
-        try:
-            await admin.start()
-            node = await admin.find_coordinator(group)
-            # aiokafka's admin client has no delete_consumer_groups: the protocol request
-            response = await admin._send_request(DeleteGroupsRequest([group]), node)
-            _, code = response.results[0]
-            if code == 68:  # NON_EMPTY_GROUP
-                raise ReindexError(
-                    f"consumer group {group!r} still has members: stop the old deployment first"
-                )
-            if code not in (0, 69):  # 69: GROUP_ID_NOT_FOUND
-                raise ReindexError(f"deleting consumer group {group!r} failed (error {code})")
-            done.append(f"deleted consumer group {group}" if code == 0 else f"no group {group}")
-        finally:
-            await admin.close()
     return done
 
 
@@ -393,6 +485,12 @@ def add_subcommands(subparsers: Any) -> None:
         action="store_true",
         help="SPARSE_INGEST_ES_INDEX is an index (an older release's), not an alias: delete "
         "it in the atomic swap",
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="go on although retention deleted the oldest records of a topic that is not "
+        "compacted (the documents whose last change was deleted are missed)",
     )
     p.add_argument("--progress-every", type=float, default=5.0, metavar="S")
     p.set_defaults(handler=_reindex_cli)
@@ -435,11 +533,12 @@ def _reindex_cli(args: argparse.Namespace) -> int:
             replace_index=args.replace_index,
             progress_s=args.progress_every,
             stop=stop,
+            allow_incomplete=args.allow_incomplete,
         )
 
     try:
         result = asyncio.run(main())
-    except (ReindexError, StartupError) as exc:
+    except (ReindexError, StartupError, ApiError) as exc:
         print(f"sparse-ingest: {exc}", file=sys.stderr)
         return 1
     print(
@@ -458,38 +557,50 @@ def _status_cli(args: argparse.Namespace) -> int:
     settings = _settings()
 
     async def main() -> int:
-        from service.app import elasticsearch_client
+        from service.app import check_elasticsearch, elasticsearch_client
 
         es = elasticsearch_client(settings)
         try:
+            await check_elasticsearch(es, settings)
             state = await alias_state(es, settings.es_index)
             if not state.indices:
                 print(f"{settings.es_index}: does not exist")
                 return 1
             kind = "alias" if state.is_alias else "index"
             print(f"{settings.es_index} ({kind}) -> {', '.join(state.indices)}")
-            others = await alias_state(es, f"{settings.es_index}-*")
+            others = await alias_state(es, f"{settings.es_index}-*", closed=True)
             for name in sorted(set(state.indices) | set(others.indices)):
                 meta = {**others.meta.get(name, {}), **state.meta.get(name, {})}
-                count = (await es.count(index=name))["count"]
+                try:
+                    count = f"{(await es.count(index=name))['count']:,} documents"
+                except ApiError as exc:  # closed, say
+                    count = f"no count ({exc.error})"
                 serving = "serving" if name in state.indices else "not serving"
                 print(
-                    f"  {name}: {serving}, {count:,} documents, model {meta.get('model', '?')} "
+                    f"  {name}: {serving}, {count}, model {meta.get('model', '?')} "
                     f"(fingerprint {meta.get('model_fingerprint', '?')})"
                 )
             return 0
         finally:
             await es.close()
 
-    return asyncio.run(main())
+    from service.app import StartupError
+
+    try:
+        return asyncio.run(main())
+    except (StartupError, ApiError) as exc:
+        print(f"sparse-ingest: {exc}", file=sys.stderr)
+        return 1
 
 
 def _retire_cli(args: argparse.Namespace) -> int:
+    from service.app import StartupError
+
     settings = _settings()
     try:
         for line in asyncio.run(retire(settings, args.old_index, args.group)):
             print(line)
-    except (ReindexError, ApiError) as exc:
+    except (ReindexError, StartupError, ApiError) as exc:
         print(f"sparse-ingest: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -214,6 +214,8 @@ class ElasticsearchSink:
                 )
         target, body = found
         self._check_model(target, body)
+        if not self._meta_model(body):
+            await self._check_documents_model(target)
         if self._vector_unmapped(target, body):  # an index made by hand: add the field
             await self.client.indices.put_mapping(
                 index=target, properties={self.config.vector_field: {"type": "sparse_vector"}}
@@ -256,8 +258,11 @@ class ElasticsearchSink:
                 aliases={alias: {"is_write_index": True}},
             )
             log.info("created index %s behind alias %s", index, alias)
-        except ApiError as exc:  # another replica may have created it first
-            if "resource_already_exists_exception" not in str(exc):
+        except ApiError:
+            # another replica may have made it first (the same name), or, starting with
+            # another model at the same moment, its own index behind the alias: ensure_index
+            # resolves the alias again and checks the model of what is there
+            if await self._resolve(alias) is None:
                 raise
 
     def index_meta(self, alias: str) -> dict[str, Any]:
@@ -278,9 +283,29 @@ class ElasticsearchSink:
             )
         return kind is None
 
-    def _check_model(self, index: str, body: dict[str, Any]) -> None:
+    @staticmethod
+    def _meta_model(body: dict[str, Any]) -> dict[str, Any]:
         meta = body.get("mappings", {}).get("_meta", {}).get(META_FIELD, {})
-        stored = meta.get("model_fingerprint") if isinstance(meta, dict) else None
+        return meta if isinstance(meta, dict) and meta.get("model_fingerprint") else {}
+
+    async def _check_documents_model(self, index: str) -> None:
+        """An index without the model in its mapping (an earlier release's, or made by hand):
+        the model of a document written last tells (read privilege only)."""
+        resp = await self.client.search(
+            index=index,
+            size=1,
+            query={"exists": {"field": f"{META_FIELD}.model_fingerprint"}},
+            sort=[{f"{META_FIELD}.indexed_at": {"order": "desc", "unmapped_type": "date"}}],
+            source_includes=[f"{META_FIELD}.model", f"{META_FIELD}.model_fingerprint"],
+        )
+        hits = resp["hits"]["hits"]
+        if hits:
+            meta = hits[0].get("_source", {}).get(META_FIELD, {})
+            self._check_model(index, {"mappings": {"_meta": {META_FIELD: meta}}})
+
+    def _check_model(self, index: str, body: dict[str, Any]) -> None:
+        meta = self._meta_model(body)
+        stored = meta.get("model_fingerprint")
         if stored and self.fingerprint and stored != self.fingerprint:
             raise ModelMismatchError(
                 f"index {index!r} holds the vectors of model {meta.get('model')!r} (vector "

@@ -4,6 +4,7 @@ servers are in test_es_versions.py."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -145,3 +146,14 @@ def test_cluster_info() -> None:
     assert not ClusterInfo(None, 9, "no monitor").too_old()
     assert ClusterInfo(None, 7, "").too_old()
     assert "9.x (version hidden" in ClusterInfo(None, 9, "no monitor privilege").describe()
+
+
+async def test_concurrent_first_requests_are_all_retried_in_the_agreed_version(serve: Any) -> None:
+    seen: list[dict[str, str]] = []
+    url = await serve(fake_es("8.19.21", (8, 7), seen))
+    es = elasticsearch_client(load_settings(es_url=url))
+    try:
+        results = await asyncio.gather(*(es.nodes.info(node_id="_local") for _ in range(10)))
+        assert all(r.meta.status == 200 for r in results)
+    finally:
+        await es.close()

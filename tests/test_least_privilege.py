@@ -51,6 +51,8 @@ def _roles(alias: str) -> dict[str, dict[str, Any]]:
         f"{alias}-run": {"indices": [{"names": names, "privileges": runtime}]},
         f"{alias}-search": {"indices": [{"names": names, "privileges": ["read"]}]},
         f"{alias}-other": {"indices": [{"names": ["someone-else-*"], "privileges": ["all"]}]},
+        f"{alias}-nowrite": {"indices": [{"names": names, "privileges": ["read", "view_index_metadata"]}]},
+        f"{alias}-noread": {"indices": [{"names": names, "privileges": ["write", "view_index_metadata"]}]},
     }  # fmt: skip
 
 
@@ -86,7 +88,7 @@ async def test_run_and_search_with_index_privileges_only(
     secure_es.es_file_roles(_roles(alias))
     users = {
         kind: secure_es.es_file_user(f"u{n}{os.getpid()}", "secret-pass", [f"{alias}-{kind}"])
-        for n, kind in enumerate(("create", "run", "search", "other"))
+        for n, kind in enumerate(("create", "run", "search", "other", "nowrite", "noread"))
     }
     url = secure_es.info.es_url
     await create_topic(kafka_bootstrap, topic, 2)
@@ -142,6 +144,10 @@ async def test_run_and_search_with_index_privileges_only(
     # no privilege on the index: a start-up error that says what to grant, no traceback
     with pytest.raises(StartupError, match="Least privilege"):
         await _start(settings("other"), default_encoder)
+    # one privilege short: the start says which, instead of retrying writes for ever
+    for kind, lacking in (("nowrite", "write"), ("noread", "read")):
+        with pytest.raises(StartupError, match=f"lacks the index privilege\\(s\\) {lacking} "):
+            await _start(settings(kind), default_encoder)
     user, password = users["other"]
     out = _cli(["run"], {**env, "SPARSE_INGEST_ES_USERNAME": user,
                          "SPARSE_INGEST_ES_PASSWORD": password,

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from elasticsearch import AsyncElasticsearch
 from service_support import (
     cosine,
@@ -33,8 +36,8 @@ from service_support import (
 
 from service.app import StartupError
 from service.messages import META_FIELD, vector_fingerprint
-from service.reindex import Progress, alias_state, reindex, retire
-from service.sink import versioned_index
+from service.reindex import Progress, ReindexError, alias_state, reindex, retire
+from service.sink import IndexConfig, versioned_index
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +183,10 @@ async def test_reindex_with_a_new_model_while_updates_go_on(
 
         # service A still writes its own index (never the new one) and is not disturbed
         assert service_a.index == index_a and service_a.pipeline_running
+        # retiring its index and group while it runs deletes nothing
+        with pytest.raises(ReindexError, match="still has members"):
+            await retire(settings_a, index_a, settings_a.kafka_group_id)
+        assert (await alias_state(es, index_a)).indices == (index_a,)
 
     # an old replica restarted after the swap refuses to mix its model into the new index
     with pytest.raises(StartupError, match="reindex"):
@@ -226,3 +233,63 @@ async def test_reindex_with_a_new_model_while_updates_go_on(
         f"{swap_s:.1f} s after the start ({result.seconds_to_catch_up:.1f} s to catch up); "
         f"last report: {last.describe(index_b)}"
     )
+
+
+async def test_reindex_guards(
+    kafka_bootstrap: str,
+    es_url: str,
+    es: AsyncElasticsearch,
+    topic: str,
+    index_name: str,
+    default_encoder: Any,
+    default_model_dir: Path,
+) -> None:
+    """A transactional topic catches up (the commit marker is past every committed offset); a
+    topic that lost records to retention is refused; retire takes one index that does not
+    serve, and deletes nothing while the old group has members; --replace-index does not swap
+    while the old deployment writes the index by name."""
+    await create_topic(kafka_bootstrap, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"{topic}-tx")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            for i in range(5):
+                await producer.send(topic, orjson.dumps({"id": f"t{i}", "body": f"text {i}"}))
+    finally:
+        await producer.stop()
+    # a plain index (an earlier release's) written by the old deployment, which keeps running
+    await es.indices.create(index=index_name, **IndexConfig(index_name).body())
+    settings = service_settings(kafka_bootstrap, es_url, topic, index_name)
+    pruned = settings.model_copy(update={"es_prune_below": 0.3})
+    async with running_service(settings, default_encoder):
+        await wait_all_committed(kafka_bootstrap, settings.kafka_group_id, topic)
+        with pytest.raises(ReindexError, match="still writes by name"):
+            await reindex(
+                pruned, default_model_dir, encoder=default_encoder, exit_after_swap=True,
+                replace_index=True, progress_s=0.3,
+            )  # fmt: skip
+        assert (await alias_state(es, index_name)).indices == (index_name,)  # not swapped
+        with pytest.raises(ReindexError, match="one index name"):
+            await retire(settings, f"{index_name}-x,{index_name}", None)
+        with pytest.raises(ReindexError, match="serves now"):
+            await retire(settings, index_name, None)
+    # the old deployment stopped: the swap goes through (the transaction's marker is no obstacle)
+    result = await asyncio.wait_for(
+        reindex(
+            pruned, default_model_dir, encoder=default_encoder, exit_after_swap=True,
+            replace_index=True, progress_s=0.3,
+        ),
+        120,
+    )  # fmt: skip
+    assert result.swapped and (await alias_state(es, index_name)).indices == (result.index,)
+    assert (await es.count(index=index_name))["count"] == 5
+
+    # retention took the oldest records of a topic that is not compacted: refused
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(2)})
+    finally:
+        await admin.close()
+    with pytest.raises(ReindexError, match="retention"):
+        await reindex(settings, default_model_dir, encoder=default_encoder, exit_after_swap=True)
