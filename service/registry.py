@@ -31,6 +31,7 @@ import datetime as dt
 import decimal
 import importlib.util
 import io
+import logging
 import math
 import os
 import ssl
@@ -74,6 +75,8 @@ from google.protobuf.message import DecodeError, Message
 from yarl import URL
 
 from service.messages import BadRecord
+
+log = logging.getLogger(__name__)
 
 Format = Literal["avro", "json-schema", "protobuf"]
 
@@ -156,8 +159,6 @@ class _Ref:
     """A referenced schema: the name it is imported/referred to by, and its text."""
 
     name: str
-    subject: str
-    version: int | str
     schema_type: str
     schema: str
 
@@ -257,7 +258,9 @@ class SchemaRegistry:
                 "unknown_schema",
                 f"{where}: schema id {schema_id} is not in the schema registry at {self._shown}",
             )
-        wanted = _REGISTRY_TYPE[expected]
+        wanted = _REGISTRY_TYPE.get(expected)
+        if wanted is None:
+            raise ValueError(f"expected must be one of {sorted(_REGISTRY_TYPE)}, not {expected!r}")
         if entry.schema_type != wanted:
             got = _TYPE_NAME.get(entry.schema_type, entry.schema_type)
             raise BadRecord(
@@ -302,7 +305,10 @@ class SchemaRegistry:
         if _schema_type(body) == "PROTOBUF" and not _is_serialized_proto(body.get("schema")):
             # Confluent turns .proto text into a FileDescriptorProto on request (no protoc
             # needed); Apicurio ignores the parameter and answers the text again
-            serialized = await self._get(f"schemas/ids/{schema_id}", what, format="serialized")
+            try:
+                serialized = await self._get(f"schemas/ids/{schema_id}", what, format="serialized")
+            except RegistryUnavailable:  # a registry that refuses the parameter: protoc then
+                serialized = None
             if serialized is not None and _is_serialized_proto(serialized.get("schema")):
                 body = serialized
         return await self._load(schema_id, body)
@@ -327,6 +333,13 @@ class SchemaRegistry:
             raise _SchemaProblem(f"the schema type {schema_type!r} is not supported")
         except _SchemaProblem as e:
             return _Unsupported(schema_type, _clip(str(e)))
+        except RegistryUnavailable:
+            raise
+        except RecursionError:
+            return _Unsupported(schema_type, "the schema nests too deeply")
+        except Exception as e:  # a library's surprise on an odd schema must not stop the stream
+            log.exception("schema id %d (%s) cannot be used", schema_id, schema_type)
+            return _Unsupported(schema_type, _clip(f"it cannot be used: {type(e).__name__}: {e}"))
 
     async def _references(self, refs: object, schema_type: str) -> list[_Ref]:
         """The referenced schemas, transitively: dependencies before their dependents, once."""
@@ -365,7 +378,7 @@ class SchemaRegistry:
                 if not isinstance(text, str):
                     raise _SchemaProblem(f"its {what} came without a schema string")
                 await visit(body.get("references"), depth + 1)
-                out.append(_Ref(name, subject, version, _schema_type(body), text))
+                out.append(_Ref(name, _schema_type(body), text))
 
         await visit(refs, 0)
         return out
@@ -934,6 +947,12 @@ def _decode_protobuf(entry: _Proto, payload: memoryview, where: str, schema_id: 
     except RecursionError as e:
         raise BadRecord(
             "schema_mismatch", f"{where} nests too deeply (Protobuf, schema id {schema_id})"
+        ) from e
+    except (ValueError, TypeError) as e:  # e.g. a Timestamp past year 9999, a NaN in a Value
+        raise BadRecord(
+            "schema_mismatch",
+            f"{where} has a well-known type value with no JSON form ({type(e).__name__}; "
+            f"{cls.DESCRIPTOR.full_name}, schema id {schema_id})",
         ) from e
 
 
