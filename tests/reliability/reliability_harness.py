@@ -511,7 +511,7 @@ async def create_index(es: AsyncElasticsearch, index: str, refresh: str = "1s") 
 
 async def index_stats(es: AsyncElasticsearch, index: str) -> dict[str, int]:
     resp = await es.indices.stats(index=index, metric="indexing")
-    ix = resp["indices"][index]["primaries"]["indexing"]
+    ix = resp["_all"]["primaries"]["indexing"]  # the index, or the one behind the alias
     return {
         "index_total": int(ix.get("index_total", 0)),
         "delete_total": int(ix.get("delete_total", 0)),
