@@ -22,6 +22,13 @@
   superuser), and ``.es_file_roles({...})`` / ``.es_file_user(name, password, roles)`` for
   least-privilege users. Roles and users stay for the session: give them names of the test's
   own. No environment override.
+- ``cdc_stack``: the :class:`LocalStack` of Kafka + Postgres + Kafka Connect with Debezium's
+  Postgres connector (no Elasticsearch), started on first use: ``.info.kafka_bootstrap``,
+  ``.info.postgres_dsn``, ``.info.connect_url``, ``.postgres_exec(sql)``,
+  ``.debezium_postgres_config(prefix, tables)``, ``.connect_add_connector(name, config)``.
+  Tables, connectors, slots and topics stay for the session: give them names of the test's own.
+- ``registry_url``: an Apicurio Registry (in-memory), started on first use: its
+  Confluent-compatible API, ``http://127.0.0.1:PORT/apis/ccompat/v7``.
 - ``topic``, ``index_name``: unique per test (test name + uuid; lowercase for ES).
 - ``es``: an ``AsyncElasticsearch`` client, closed (and ``index_name`` deleted) after the test.
 - ``prometheus``: a factory, ``url = prometheus(scrape_config)`` starts a Prometheus with that
@@ -228,3 +235,36 @@ def default_encoder(default_model_dir: Path) -> Any:
     from encoder import SparseEncoder
 
     return SparseEncoder.load(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def cdc_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Kafka + Postgres + Kafka Connect with Debezium (no Elasticsearch: use ``es_url``)."""
+    stack = LocalStack(name="pytest-cdc", run_dir=tmp_path_factory.mktemp("cdc"), log=support.log)
+    _up_or_fail(
+        stack,
+        "the CDC stack (Kafka, Postgres, Kafka Connect + Debezium)",
+        kafka=True,
+        elasticsearch=False,
+        postgres=True,
+        connect=True,
+    )
+    try:
+        yield stack
+    finally:
+        stack.down(remove_data=True)
+
+
+@pytest.fixture(scope="session")
+def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An Apicurio Registry's Confluent-compatible API (``http://127.0.0.1:PORT/apis/ccompat/v7``),
+    in-memory, started on first use."""
+    stack = LocalStack(
+        name="pytest-registry", run_dir=tmp_path_factory.mktemp("registry"), log=support.log
+    )
+    _up_or_fail(stack, "Apicurio Registry", kafka=False, elasticsearch=False, registry=True)
+    try:
+        assert stack.info.registry_url
+        yield stack.info.registry_url
+    finally:
+        stack.down(remove_data=True)

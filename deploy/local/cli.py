@@ -16,8 +16,15 @@ from typing import Any
 from deploy.local.artifacts import fetch
 from deploy.local.errors import StackError
 from deploy.local.paths import DEFAULT_STACK_NAME
-from deploy.local.stack import LocalStack
-from deploy.local.versions import ELASTICSEARCH_VERSION, ELASTICSEARCH_VERSIONS, ES_VERSION_ENV
+from deploy.local.stack import SERVICES, LocalStack
+from deploy.local.versions import (
+    APICURIO_VERSION,
+    CONNECT_VERSION,
+    DEBEZIUM_VERSION,
+    ELASTICSEARCH_VERSION,
+    ELASTICSEARCH_VERSIONS,
+    ES_VERSION_ENV,
+)
 
 
 def _err(message: str) -> None:
@@ -31,6 +38,9 @@ def _stack(args: argparse.Namespace) -> LocalStack:
         kafka_port=getattr(args, "kafka_port", None),
         es_port=getattr(args, "es_port", None),
         prometheus_port=getattr(args, "prometheus_port", None),
+        postgres_port=getattr(args, "postgres_port", None),
+        connect_port=getattr(args, "connect_port", None),
+        registry_port=getattr(args, "registry_port", None),
         es_version=getattr(args, "es_version", None),
         security=getattr(args, "security", False),
         es_tls=getattr(args, "es_tls", False),
@@ -70,6 +80,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         java=True,
         log=_err,
         es_version=args.es_version,
+        connect=args.cdc,
+        registry=args.registry,
     )
     what = ", ".join(result.downloaded) or "nothing (all cached)"
     print(f"cache: {result.cache}")
@@ -79,6 +91,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"kafka: {result.kafka_libs}")
     if result.elasticsearch_home:
         print(f"elasticsearch: {result.elasticsearch_home}")
+    if result.connect_home:
+        print(f"connect: {result.connect_home}")
+    if result.registry_home:
+        print(f"registry: {result.registry_home}")
     print(f"downloaded: {what} in {result.seconds:.1f}s")
     return 0
 
@@ -90,6 +106,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         elasticsearch=not args.no_elasticsearch,
         prometheus=args.prometheus,
         prometheus_config=args.prometheus_config,
+        postgres=args.cdc,
+        connect=args.cdc,
+        registry=args.registry,
     )
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -151,23 +170,44 @@ def _es_version(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cdc_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--cdc",
+        action="store_true",
+        help=f"{verb} Postgres and Kafka Connect {CONNECT_VERSION} with Debezium "
+        f"{DEBEZIUM_VERSION}'s Postgres connector",
+    )
+    parser.add_argument(
+        "--registry",
+        action="store_true",
+        help=f"{verb} Apicurio Registry {APICURIO_VERSION} (Confluent-compatible API)",
+    )
+
+
 def _add(subparsers: Any) -> None:
     p = subparsers.add_parser("fetch", help="download Kafka, Elasticsearch (and a JDK if needed)")
     p.add_argument("--no-kafka", action="store_true")
     p.add_argument("--no-elasticsearch", action="store_true")
     _es_version(p)
+    _cdc_flags(p, "also download")
     p.set_defaults(handler=_guard(cmd_fetch))
 
-    p = subparsers.add_parser("up", help="start Kafka + Elasticsearch (+ Prometheus) and wait")
+    p = subparsers.add_parser(
+        "up", help="start Kafka + Elasticsearch (+ Prometheus, CDC, registry) and wait"
+    )
     _common(p)
     p.add_argument("--no-kafka", action="store_true", help="do not start Kafka")
     p.add_argument("--no-elasticsearch", action="store_true", help="do not start Elasticsearch")
     _es_version(p)
     p.add_argument("--prometheus", action="store_true", help="also start Prometheus")
     p.add_argument("--prometheus-config", default=None, help="scrape config for Prometheus")
+    _cdc_flags(p, "also start")
     p.add_argument("--kafka-port", type=int, default=None, help="fixed Kafka port")
     p.add_argument("--es-port", type=int, default=None, help="fixed Elasticsearch HTTP port")
     p.add_argument("--prometheus-port", type=int, default=None, help="fixed Prometheus port")
+    p.add_argument("--postgres-port", type=int, default=None, help="fixed Postgres port")
+    p.add_argument("--connect-port", type=int, default=None, help="fixed Connect REST port")
+    p.add_argument("--registry-port", type=int, default=None, help="fixed registry port")
     p.add_argument("--security", action="store_true", help="Elasticsearch with security on")
     p.add_argument(
         "--es-tls", action="store_true", help="Elasticsearch over https (implies --security)"
@@ -197,7 +237,7 @@ def _add(subparsers: Any) -> None:
         "restart", help="stop one service and start it again (same data, ports, settings)"
     )
     _common(p)
-    p.add_argument("service", choices=["kafka", "elasticsearch", "prometheus"])
+    p.add_argument("service", choices=list(SERVICES))
     p.add_argument("--downtime", type=float, default=0.0, help="seconds to stay stopped")
     p.add_argument("--timeout", type=float, default=180.0, help="readiness timeout, seconds")
     p.set_defaults(handler=_guard(cmd_restart))

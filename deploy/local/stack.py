@@ -1,4 +1,5 @@
-"""The local stack: single-node Kafka (KRaft) + single-node Elasticsearch (+ Prometheus).
+"""The local stack: single-node Kafka (KRaft) + single-node Elasticsearch (+ Prometheus), and on
+request Postgres, Kafka Connect with Debezium, and Apicurio Registry (see ``deploy.local.cdc``).
 
 Every service runs in its own session (process group) so that ``down`` can stop the whole
 group by PID from any shell; PIDs, ports and URLs are kept in ``<run_dir>/state.json``.
@@ -8,6 +9,8 @@ system user ``sparseingest`` (created with ``useradd`` if missing), and since ro
 not readable by other users, its distribution (hard links to the cache) and its per-run
 directories (config, data, logs, tmp) live under ``/var/lib/sparse-ingest``
 (``$SPARSE_INGEST_ES_BASE``); ``<run_dir>/elasticsearch`` is then a symlink to that place.
+Postgres refuses root too: it runs as the same user, its cluster in
+``/var/lib/sparse-ingest/runs/<name>-<hash>-postgres`` (``<run_dir>/postgres`` links there).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,12 +35,17 @@ from types import TracebackType
 from typing import Any
 
 from deploy.local import artifacts as fetching
-from deploy.local import certs, probes
+from deploy.local import cdc, certs, probes
 from deploy.local.errors import ServiceStartError, StackAlreadyRunningError, StackError
 from deploy.local.java import JavaInfo, find_java
 from deploy.local.paths import DEFAULT_STACK_NAME, cache_dir, default_run_dir
 from deploy.local.procs import alive, pick_port, process_start_time, stop_group, tail
 from deploy.local.versions import (
+    APICURIO_MIN_JAVA,
+    APICURIO_VERSION,
+    CONNECT_MIN_JAVA,
+    CONNECT_VERSION,
+    DEBEZIUM_VERSION,
     ELASTICSEARCH_JAVA_MODULES,
     KAFKA_MIN_JAVA,
     KAFKA_VERSION,
@@ -51,7 +60,8 @@ ES_USER = "sparseingest"
 ES_BASE_ENV = "SPARSE_INGEST_ES_BASE"
 DEFAULT_ES_BASE = Path("/var/lib/sparse-ingest")
 KAFKA_PARTITIONS = 4
-SERVICES = ("kafka", "elasticsearch", "prometheus")
+# in start order (down stops them in reverse); connect starts once Kafka is ready
+SERVICES = ("kafka", "elasticsearch", "prometheus", "postgres", "registry", "connect")
 
 
 def new_kafka_cluster_id() -> str:
@@ -87,6 +97,15 @@ class StackInfo:
     kafka_listeners: dict[str, str] = field(default_factory=dict)
     kafka_ca_file: Path | None = None
     kafka_sasl: tuple[str, str] | None = None
+    # postgres=True: "postgresql://sparse:PASSWORD@127.0.0.1:PORT/sparse" (a login role with
+    # REPLICATION, owner of the database); connect=True: Connect's REST API; registry=True:
+    # the Confluent-compatible API of Apicurio Registry ("http://127.0.0.1:PORT/apis/ccompat/v7").
+    postgres_dsn: str | None = None
+    postgres_log: Path | None = None
+    connect_url: str | None = None
+    connect_log: Path | None = None
+    registry_url: str | None = None
+    registry_log: Path | None = None
     versions: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -122,6 +141,12 @@ class StackInfo:
             kafka_listeners=dict(data.get("kafka_listeners", {})),
             kafka_ca_file=path("kafka_ca_file"),
             kafka_sasl=(sasl[0], sasl[1]) if sasl else None,
+            postgres_dsn=data.get("postgres_dsn"),
+            postgres_log=path("postgres_log"),
+            connect_url=data.get("connect_url"),
+            connect_log=path("connect_log"),
+            registry_url=data.get("registry_url"),
+            registry_log=path("registry_log"),
             versions=dict(data.get("versions", {})),
             pids={k: int(v) for k, v in data.get("pids", {}).items()},
         )
@@ -150,6 +175,14 @@ class StackInfo:
         if self.prometheus_url:
             lines.append(f"  prometheus:    {self.prometheus_url}")
             lines.append(f"                 log {self.prometheus_log}")
+        for label, url, log in (
+            ("postgres", self.postgres_dsn, self.postgres_log),
+            ("connect", self.connect_url, self.connect_log),
+            ("registry", self.registry_url, self.registry_log),
+        ):
+            if url:
+                lines.append(f"  {label + ':':<15}{url}")
+                lines.append(f"                 log {log}")
         if self.versions:
             text = ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))
             lines.append(f"  versions:      {text}")
@@ -261,6 +294,9 @@ class LocalStack:
         kafka_port: int | None = None,
         es_port: int | None = None,
         prometheus_port: int | None = None,
+        postgres_port: int | None = None,
+        connect_port: int | None = None,
+        registry_port: int | None = None,
         java_home: str | Path | None = None,
         kafka_partitions: int = KAFKA_PARTITIONS,
         kafka_heap: str = "512m",
@@ -271,6 +307,8 @@ class LocalStack:
         kafka_security: bool = False,
         es_settings: dict[str, Any] | None = None,
         kafka_settings: dict[str, Any] | None = None,
+        connect_settings: dict[str, Any] | None = None,
+        connect_heap: str = "512m",
         startup_timeout: float = 180.0,
         log: Log = _quiet,
     ) -> None:
@@ -280,6 +318,9 @@ class LocalStack:
         self.kafka_port = kafka_port
         self.es_port = es_port
         self.prometheus_port = prometheus_port
+        self.postgres_port = postgres_port
+        self.connect_port = connect_port
+        self.registry_port = registry_port
         self.java_home = java_home
         self.kafka_partitions = kafka_partitions
         self.kafka_heap = kafka_heap
@@ -297,6 +338,9 @@ class LocalStack:
         # {"group.min.session.timeout.ms": 1000} (server.properties); they win over ours.
         self.es_settings = dict(es_settings or {})
         self.kafka_settings = dict(kafka_settings or {})
+        # Extra Connect worker properties, e.g. {"value.converter.schemas.enable": "true"}.
+        self.connect_settings = dict(connect_settings or {})
+        self.connect_heap = connect_heap
         self.startup_timeout = startup_timeout
         self.log = log
         self._children: list[subprocess.Popen[bytes]] = []
@@ -338,11 +382,23 @@ class LocalStack:
 
     # ------------------------------------------------------------------ fetch
     def fetch(
-        self, kafka: bool = True, elasticsearch: bool = True, java: bool = True
+        self,
+        kafka: bool = True,
+        elasticsearch: bool = True,
+        java: bool = True,
+        connect: bool = False,
+        registry: bool = False,
     ) -> fetching.FetchResult:
         es_version = self.es_version if elasticsearch else None
         return fetching.fetch(
-            kafka, elasticsearch, java, cache=self.cache, log=self.log, es_version=es_version
+            kafka,
+            elasticsearch,
+            java,
+            cache=self.cache,
+            log=self.log,
+            es_version=es_version,
+            connect=connect,
+            registry=registry,
         )
 
     # ------------------------------------------------------------------ up
@@ -352,17 +408,27 @@ class LocalStack:
         elasticsearch: bool = True,
         prometheus: bool = False,
         prometheus_config: str | Path | None = None,
+        *,
+        postgres: bool = False,
+        connect: bool = False,
+        registry: bool = False,
     ) -> StackInfo:
         """Start what is asked for, wait until each is ready, and return how to reach it.
+
+        ``postgres``: a Postgres for logical decoding (``info.postgres_dsn``); ``connect``: Kafka
+        Connect standalone with Debezium's Postgres connector and no connector yet
+        (``info.connect_url``; needs ``kafka``; add connectors with
+        :meth:`connect_add_connector`); ``registry``: Apicurio Registry (``info.registry_url``).
 
         Idempotent when the same services are already up and healthy; raises
         StackAlreadyRunningError when something else is running from this run dir.
         """
-        wanted = [
-            s for s, on in zip(SERVICES, (kafka, elasticsearch, prometheus), strict=True) if on
-        ]
+        switches = (kafka, elasticsearch, prometheus, postgres, registry, connect)
+        wanted = [s for s, on in zip(SERVICES, switches, strict=True) if on]
         if not wanted:
-            raise StackError("nothing to start: all of Kafka, Elasticsearch, Prometheus are off")
+            raise StackError(f"nothing to start: all of {', '.join(SERVICES)} are off")
+        if connect and not kafka:
+            raise StackError("Kafka Connect needs the stack's Kafka: up(kafka=True, connect=True)")
         es_version = self.es_version if elasticsearch else None
         existing = self.status()
         if existing.running:
@@ -377,7 +443,7 @@ class LocalStack:
                 f"{existing.describe()}\nRun `sparse-ingest stack down --name {self.name}` first."
             )
         started = time.monotonic()
-        self.fetch(kafka=kafka, elasticsearch=elasticsearch, java=False)
+        self.fetch(kafka, elasticsearch, java=False, connect=connect, registry=registry)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         info = StackInfo(name=self.name, run_dir=self.run_dir)
         state: dict[str, Any] = {"name": self.name, "run_dir": str(self.run_dir), "services": {}}
@@ -391,6 +457,15 @@ class LocalStack:
                 waits.append(self._start_elasticsearch(info, state, taken))
             if prometheus:
                 waits.append(self._start_prometheus(info, state, taken, prometheus_config))
+            if postgres:
+                waits.append(self._start_postgres(info, state, taken))
+            if registry:
+                waits.append(self._start_registry(info, state, taken))
+            if connect:
+                # Connect asks Kafka for its cluster id first thing: start it once Kafka answers.
+                self._wait_ready([w for w in waits if w[0] == "kafka"], state)
+                waits = [w for w in waits if w[0] != "kafka"]
+                waits.append(self._start_connect(info, state, taken))
             self._wait_ready(waits, state)
         except BaseException:
             self._stop_services(state, timeout=15.0)
@@ -910,6 +985,260 @@ class LocalStack:
         info.versions["prometheus"] = match.group(1) if match else "unknown"
         return "prometheus", lambda: probes.prometheus_ready(url, 3.0), log_file
 
+    # ------------------------------------------------------------------ postgres
+    def _postgres_dir(self) -> tuple[Path, tuple[int, int] | None]:
+        """(the cluster's folder, (uid, gid) to run as or None): ``<run_dir>/postgres``, or as
+        root a folder of the Elasticsearch user under the ES base dir, linked from there."""
+        link = self.run_dir / "postgres"
+        if not _running_as_root():
+            return link, None
+        base = Path(os.environ.get(ES_BASE_ENV) or DEFAULT_ES_BASE)
+        uid, gid = ensure_system_user(ES_USER, base)
+        base.mkdir(parents=True, exist_ok=True)
+        base.chmod(0o755)
+        digest = hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:10]
+        work = base / "runs" / f"{_slug(self.name)}-{digest}-postgres"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(work, target_is_directory=True)
+        return work, (uid, gid)
+
+    def _start_postgres(
+        self, info: StackInfo, state: dict[str, Any], taken: set[int]
+    ) -> tuple[str, Callable[[], bool], Path]:
+        bin_dir, version = cdc.find_postgres()
+        port = pick_port(self.postgres_port, "Postgres", taken)
+        work, user = self._postgres_dir()
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        work.chmod(0o700)
+        if user is not None:
+            os.chown(work, *user)
+        params = cdc.PostgresParams(
+            HOST, port, cdc.POSTGRES_USER, secrets.token_urlsafe(12), cdc.POSTGRES_DB
+        )
+        self.log(f"creating a Postgres {version} cluster in {work} ...")
+        data = work / "data"
+        cdc.init_postgres(bin_dir, data, params, user, cdc.postgres_settings(port))
+        log_file = work / "postgres.log"
+        as_user = f" as user {ES_USER}" if user else ""
+        self.log(f"starting Postgres {version} on {HOST}:{port}{as_user} ...")
+        self._spawn(
+            "postgres",
+            [str(bin_dir / "postgres"), "-D", str(data)],
+            log_file,
+            state,
+            cwd=work,
+            user=user,
+            extra={
+                "port": port,
+                "url": f"postgresql://{params.user}@{HOST}:{port}/{params.dbname}",
+                "log": str(log_file),
+                "work": str(work),
+                "bin_dir": str(bin_dir),
+                "version": version,
+                **params.to_entry(),
+            },
+        )
+        if user is not None:
+            os.chown(log_file, *user)
+        info.postgres_dsn = params.dsn
+        info.postgres_log = log_file
+        info.versions["postgres"] = version
+        return "postgres", lambda: cdc.postgres_ready(bin_dir, params), log_file
+
+    def _postgres(self) -> tuple[Path, cdc.PostgresParams]:
+        entry = self._entry(self._load_state(), "postgres")
+        return Path(entry["bin_dir"]), cdc.PostgresParams.from_entry(entry)
+
+    @property
+    def postgres_params(self) -> cdc.PostgresParams:
+        """Host, port, user, password and database of the stack's Postgres."""
+        return self._postgres()[1]
+
+    def postgres_exec(self, sql: str, timeout: float = 60.0) -> str:
+        """Run ``sql`` (one or more statements) with ``psql`` as the stack's Postgres role and
+        return its output (unaligned, tuples only: ``SELECT 1, 'a'`` gives ``1|a``). StackError
+        with psql's message when a statement fails."""
+        bin_dir, params = self._postgres()
+        proc = cdc.psql(bin_dir, params, sql, timeout)
+        if proc.returncode != 0:
+            raise StackError(f"psql failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        return proc.stdout
+
+    # ------------------------------------------------------------------ schema registry
+    def _start_registry(
+        self, info: StackInfo, state: dict[str, Any], taken: set[int]
+    ) -> tuple[str, Callable[[], bool], Path]:
+        java = self._java(APICURIO_MIN_JAVA)
+        port = pick_port(self.registry_port, "Apicurio Registry", taken)
+        rdir = self.run_dir / "registry"
+        shutil.rmtree(rdir, ignore_errors=True)
+        rdir.mkdir(parents=True)
+        jar = fetching.registry_runner_jar(fetching.registry_home_dir(self.cache))
+        cmd = [str(java.java), "-Xmx256m", "-XX:+UseSerialGC", f"-Djava.io.tmpdir={rdir}"]
+        cmd += [f"-Dquarkus.http.host={HOST}", f"-Dquarkus.http.port={port}", "-jar", str(jar)]
+        url = f"http://{HOST}:{port}{cdc.REGISTRY_API}"
+        log_file = rdir / "registry.log"
+        self.log(f"starting Apicurio Registry {APICURIO_VERSION} on {url} ...")
+        self._spawn(
+            "registry",
+            cmd,
+            log_file,
+            state,
+            cwd=rdir,
+            extra={"port": port, "url": url, "log": str(log_file), "version": APICURIO_VERSION},
+        )
+        info.registry_url = url
+        info.registry_log = log_file
+        info.versions["registry"] = APICURIO_VERSION
+        return "registry", lambda: cdc.registry_ready(url, 3.0), log_file
+
+    # ------------------------------------------------------------------ kafka connect
+    def _start_connect(
+        self, info: StackInfo, state: dict[str, Any], taken: set[int]
+    ) -> tuple[str, Callable[[], bool], Path]:
+        java = self._java(CONNECT_MIN_JAVA)
+        port = pick_port(self.connect_port, "Kafka Connect REST", taken)
+        cdir = self.run_dir / "connect"
+        shutil.rmtree(cdir, ignore_errors=True)
+        (cdir / "logs").mkdir(parents=True)
+        (cdir / "connectors").mkdir()
+        home = fetching.connect_home_dir(self.cache)
+        assert info.kafka_bootstrap, "Connect starts after Kafka"
+        worker = cdc.connect_worker_properties(
+            info.kafka_bootstrap, HOST, port, cdir / "offsets.dat", home / "plugins"
+        )
+        worker.update(self.connect_settings)
+        props = cdir / "worker.properties"
+        props.write_text(
+            "# generated by deploy.local: Kafka Connect standalone worker\n"
+            + "".join(f"{k}={_prop(v)}\n" for k, v in worker.items())
+        )
+        log_file = cdir / "logs" / "connect.log"
+        log4j = cdir / "log4j2.properties"
+        log4j.write_text(cdc.connect_log4j2(log_file))
+        cmd = [str(java.java), f"-Xms{self.connect_heap}", f"-Xmx{self.connect_heap}"]
+        cmd += ["-XX:+UseG1GC", "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
+        cmd += ["-cp", f"{home / 'libs'}/*", "org.apache.kafka.connect.cli.ConnectStandalone"]
+        cmd += [str(props)]
+        url = f"http://{HOST}:{port}"
+        stdout_log = cdir / "logs" / "stdout.log"
+        self.log(
+            f"starting Kafka Connect {CONNECT_VERSION} (Debezium {DEBEZIUM_VERSION}) on {url} ..."
+        )
+        self._spawn(
+            "connect",
+            cmd,
+            stdout_log,
+            state,
+            cwd=cdir,
+            extra={
+                "port": port,
+                "url": url,
+                "log": str(log_file),
+                "version": CONNECT_VERSION,
+                "connectors": {},
+            },
+        )
+        info.connect_url = url
+        info.connect_log = log_file
+        info.versions["connect"] = CONNECT_VERSION
+        info.versions["debezium"] = DEBEZIUM_VERSION
+        info.versions["connect_java"] = java.version
+        return "connect", lambda: cdc.connect_ready(url, [], 3.0), stdout_log
+
+    def connect_add_connector(
+        self, name: str, config: dict[str, Any], timeout: float = 120.0
+    ) -> dict[str, Any]:
+        """Create (or reconfigure) connector ``name`` on the stack's Kafka Connect (``POST
+        /connectors``, ``PUT /connectors/NAME/config`` if it exists) and wait until it and all
+        its tasks are RUNNING; returns its ``/status``. Otherwise the connector is deleted again
+        and StackError says why: the validation errors of a refused config, the trace of a
+        FAILED connector or task, or what was still not running after ``timeout`` seconds (and
+        the log's tail).
+
+        The config is also kept in ``<run_dir>/connect/connectors/NAME.json``, which a restart
+        of Connect (:meth:`restart_service`) loads: the connector goes on from its offsets."""
+        state = self._load_state()
+        entry = state["services"].get("connect")
+        if entry is None or not alive(entry["pid"], entry.get("start_time")):
+            raise StackError(f"stack {self.name!r} has no running Kafka Connect: up(connect=True)")
+        config = {k: cdc.connect_value(v) for k, v in config.items()}
+        url = entry["url"]
+        status, body = cdc.http("POST", f"{url}/connectors", {"name": name, "config": config})
+        if status == 409:
+            quoted = urllib.parse.quote(name, safe="")
+            status, body = cdc.http("PUT", f"{url}/connectors/{quoted}/config", config)
+        if status not in (200, 201):
+            errors = cdc.validation_errors(url, name, config)
+            raise StackError(
+                f"Connect refused connector {name!r} ({status}): {body}"
+                + "".join(f"\n  {e}" for e in errors)
+            )
+        self._remember_connector(state, name, config)
+        self.log(f"connector {name!r} created, waiting until it runs ...")
+        deadline = time.monotonic() + timeout
+        while True:
+            body = cdc.connector_status(url, name)
+            outcome, problem = cdc.connector_state(body)
+            if outcome == "RUNNING":
+                self.log(f"connector {name!r} is RUNNING")
+                return dict(body)
+            if outcome == "FAILED" or time.monotonic() > deadline:
+                self.connect_delete_connector(name)
+                if outcome != "FAILED":
+                    problem = f"{problem} after {timeout:.0f}s. Last lines of {entry['log']}:\n"
+                    problem += tail(Path(entry["log"]), 30)
+                raise StackError(f"connector {name!r} is not running: {problem}")
+            time.sleep(0.5)
+
+    def connect_delete_connector(self, name: str) -> None:
+        """Delete connector ``name`` (its offsets stay in the offsets file; its replication slot,
+        if any, stays in Postgres) and forget it for restarts."""
+        state = self._load_state()
+        entry = self._entry(state, "connect")
+        quoted = urllib.parse.quote(name, safe="")
+        status, body = cdc.http("DELETE", f"{entry['url']}/connectors/{quoted}")
+        if status not in (200, 204, 404):
+            raise StackError(f"Connect refused to delete connector {name!r} ({status}): {body}")
+        self._remember_connector(state, name, None)
+
+    def _remember_connector(
+        self, state: dict[str, Any], name: str, config: dict[str, str] | None
+    ) -> None:
+        """Keep (``config``) or forget (None) a connector's JSON file on Connect's command line
+        and in its state, so that :meth:`start_service` starts it again."""
+        entry = state["services"]["connect"]
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        path = self.run_dir / "connect" / "connectors" / f"{_slug(name)}-{digest}.json"
+        cmd = [arg for arg in entry["cmd"] if arg != str(path)]
+        connectors = {k: v for k, v in entry.get("connectors", {}).items() if k != name}
+        if config is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"name": name, "config": config}, indent=2) + "\n")
+            cmd.append(str(path))
+            connectors[name] = str(path)
+        entry["cmd"], entry["connectors"] = cmd, connectors
+        self._save_state(state)
+
+    def debezium_postgres_config(
+        self,
+        topic_prefix: str,
+        tables: Sequence[str] | str,
+        slot_name: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, str]:
+        """:func:`deploy.local.cdc.debezium_postgres_config` for this stack's Postgres."""
+        return cdc.debezium_postgres_config(
+            self.postgres_params, topic_prefix, tables, slot_name, extra
+        )
+
     # ------------------------------------------------------------------ waiting
     def _wait_ready(
         self, waits: list[tuple[str, Callable[[], bool], Path]], state: dict[str, Any]
@@ -961,9 +1290,9 @@ class LocalStack:
                 auth = tuple(info["es_auth"]) if info.get("es_auth") else None
                 cafile = info.get("es_ca_certs")
                 healthy = running and probes.elasticsearch_ready(url, 3.0, auth, cafile)
-            elif service == "prometheus":
+            else:
                 url = entry["url"]
-                healthy = running and probes.prometheus_ready(url, 3.0)
+                healthy = running and self._ready_probe(service, state)()
             version = entry.get("version") or info.get("versions", {}).get(service)
             statuses.append(
                 ServiceStatus(
@@ -974,8 +1303,9 @@ class LocalStack:
 
     def _stop_services(self, state: dict[str, Any], timeout: float) -> dict[str, str]:
         results = {}
-        # Reverse start order: Prometheus, Elasticsearch, Kafka.
-        for service in reversed(list(state["services"])):
+        # Reverse start order (Connect, ..., Kafka last; state.json keeps its keys sorted).
+        order = {name: i for i, name in enumerate(SERVICES)}
+        for service in sorted(state["services"], key=lambda s: -order.get(s, len(SERVICES))):
             entry = state["services"][service]
             results[service] = stop_group(entry["pid"], entry.get("start_time"), timeout)
             self.log(f"{service} (pid {entry['pid']}): {results[service]}")
@@ -1074,21 +1404,30 @@ class LocalStack:
             auth = tuple(info["es_auth"]) if info.get("es_auth") else None
             url, cafile = entry["url"], info.get("es_ca_certs")
             return lambda: probes.elasticsearch_ready(url, 3.0, auth, cafile)
+        if service == "postgres":
+            bin_dir, params = Path(entry["bin_dir"]), cdc.PostgresParams.from_entry(entry)
+            return lambda: cdc.postgres_ready(bin_dir, params)
         url = entry["url"]
+        if service == "connect":  # and the connectors it was given, running again
+            names = list(entry.get("connectors", {}))
+            return lambda: cdc.connect_ready(url, names, 3.0)
+        if service == "registry":
+            return lambda: cdc.registry_ready(url, 3.0)
         return lambda: probes.prometheus_ready(url, 3.0)
 
     def down(self, timeout: float = 30.0, remove_data: bool = False) -> dict[str, str]:
         """Stop every recorded service (SIGTERM to its process group, SIGKILL after
         ``timeout``); returns {service: "stopped" | "killed" | "not running"}.
 
-        ``remove_data`` also deletes the run dir and Elasticsearch's work dir.
+        ``remove_data`` also deletes the run dir and the work dirs of Elasticsearch and Postgres.
         """
         state = self._load_state()
         results = self._stop_services(state, timeout)
-        es_work = state["services"].get("elasticsearch", {}).get("work")
+        works = [state["services"].get(s, {}).get("work") for s in ("elasticsearch", "postgres")]
         if remove_data:
-            if es_work:
-                shutil.rmtree(es_work, ignore_errors=True)
+            for work in works:
+                if work:
+                    shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(self.run_dir, ignore_errors=True)
         elif self.state_file.exists():
             self._save_state({"name": self.name, "run_dir": str(self.run_dir), "services": {}})

@@ -80,3 +80,52 @@ def elasticsearch_min_java(version: str) -> int:
 
 
 ELASTICSEARCH_ARTIFACT = elasticsearch_artifact(ELASTICSEARCH_VERSION)
+
+# ---------------------------------------------------------------- CDC and schema registry
+# Kafka Connect runs on the 4.3.0 runtime (against the 4.4.0 broker): Debezium 3.6.1 dies on
+# the 4.4.0 Connect runtime (NoClassDefFoundError: org/apache/kafka/common/utils/Sanitizer).
+# Its jars live apart from the broker's (``<cache>/connect-4.3.0/libs``); the runtime brings
+# slf4j 1.7.36 and no backend, so the same log4j2 binding as Kafka's is added.
+CONNECT_VERSION = "4.3.0"
+CONNECT_ARTIFACTS: tuple[tuple[str, str, str], ...] = (
+    ("org.apache.kafka", "connect-runtime", CONNECT_VERSION),
+    ("org.apache.kafka", "connect-json", CONNECT_VERSION),
+    ("org.apache.kafka", "connect-transforms", CONNECT_VERSION),
+    ("org.apache.logging.log4j", "log4j-core", LOG4J_VERSION),
+    ("org.apache.logging.log4j", "log4j-slf4j-impl", LOG4J_VERSION),
+)
+# Debezium's Postgres connector, a Connect plugin (``<cache>/connect-4.3.0/plugins/``) with its
+# runtime dependencies less what the Connect runtime provides (Kafka's own jars, slf4j, the
+# compression codecs, JAX-RS, Jackson): CONNECT_PROVIDED_GROUPS are left out of the plugin
+# folder. With its own Jackson, Debezium's CloudEventsConverter fails to load (it looks up
+# JsonConverter.convertToConnect(Schema, JsonNode) with the plugin's JsonNode class).
+DEBEZIUM_VERSION = "3.6.1.Final"
+DEBEZIUM_ARTIFACTS: tuple[tuple[str, str, str], ...] = (
+    ("io.debezium", "debezium-connector-postgres", DEBEZIUM_VERSION),
+)
+CONNECT_PROVIDED_GROUPS = (
+    "org.apache.kafka",
+    "org.slf4j",
+    "com.github.luben",
+    "at.yawk.lz4",
+    "org.xerial.snappy",
+    "jakarta.ws.rs",
+    "com.fasterxml.jackson.core",
+)
+DEBEZIUM_POSTGRES_CONNECTOR = "io.debezium.connector.postgresql.PostgresConnector"
+CONNECT_MIN_JAVA = 17
+
+# Apicurio Registry (in-memory storage; a Confluent-compatible API under /apis/ccompat/v7).
+# Maven Central has the app's zip but not its parent POM (io.apicurio:apicurio-registry:3.0.9),
+# so Maven cannot resolve it (`Failed to read artifact descriptor`): it is downloaded from the
+# repository over HTTPS and checked against the .sha1 next to it.
+APICURIO_VERSION = "3.0.9"
+APICURIO_ARTIFACT = ("io.apicurio", "apicurio-registry-app", APICURIO_VERSION, "all", "zip")
+APICURIO_MIN_JAVA = 17
+MAVEN_CENTRAL = "https://repo.maven.apache.org/maven2"
+MAVEN_REPO_ENV = "SPARSE_INGEST_MAVEN_REPO"  # a mirror of Maven Central, for the direct download
+
+# Postgres: Debian's server binaries (/usr/lib/postgresql/<major>/bin; `apt-get install
+# postgresql`), the newest major found; pgoutput logical decoding needs 10+.
+POSTGRES_LIB_DIR = "/usr/lib/postgresql"
+POSTGRES_MIN_MAJOR = 10
