@@ -54,6 +54,11 @@ def add_subcommands(subparsers: Any) -> None:
     demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
     demo.add_argument("--http-port", type=int, default=8080)
     demo.add_argument("--stack-name", default="demo")
+    demo.add_argument(
+        "--cdc",
+        action="store_true",
+        help="a Postgres table through Debezium instead: update a row, watch the search change",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -68,6 +73,12 @@ def _words(text: str) -> set[str]:
 def _demo(args: argparse.Namespace) -> int:
     from deploy.local import LocalStack, StackError
     from encoder import fetch_default_model
+
+    if args.cdc:
+        from service.demo_cdc import run_cdc_demo
+
+        documents = 300 if args.documents == 2000 else args.documents
+        return run_cdc_demo(documents, args.http_port, f"{args.stack_name}-cdc", args.keep)
 
     started = time.monotonic()
     _say("== 1. local stack: Kafka (KRaft) + Elasticsearch, on loopback")

@@ -7,6 +7,7 @@ committed change is searchable within seconds (the commit-to-searchable latency 
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
 import uuid
@@ -125,3 +126,20 @@ async def test_postgres_changes_end_in_the_index_exactly(
         f"p99 {p99:.2f} s, max {latencies[-1]:.2f} s"
     )
     await asyncio.to_thread(cdc_stack.connect_delete_connector, prefix)
+
+
+async def test_the_cdc_demo_shows_an_update_and_a_delete(
+    cdc_stack: LocalStack, es_url: str, default_model_dir: Any, capsys: Any
+) -> None:
+    """`sparse-ingest demo --cdc`'s steps on the session's stacks (the command starts its own)."""
+    import types
+
+    from service.demo_cdc import _run
+
+    info = types.SimpleNamespace(kafka_bootstrap=cdc_stack.info.kafka_bootstrap, es_url=es_url)
+    assert await _run(cdc_stack, info, default_model_dir, 40, 0, time.monotonic()) == 0
+    out = capsys.readouterr().out
+    assert "40 rows indexed" in out
+    after_update = out.split("UPDATE row 40")[1].split("DELETE")[0]
+    assert re.search(r"1\.\s+\S+\s+row\s+40\s+calendar: leap years", after_update), out
+    assert "index holds 39 documents; the table 39 rows" in out
