@@ -66,6 +66,21 @@ def message_contract(settings: Settings) -> MessageContract:
     )
 
 
+async def check_registry(registry: Any) -> None:
+    """A wrong registry URL or refused credentials stop the start (else every record of a
+    registry topic would wait for ever); an outage only warns: the records wait for it."""
+    from service.registry import RegistryUnavailable
+
+    try:
+        problem = await registry.probe()
+    except RegistryUnavailable as exc:
+        log.warning("%s: records of the registry formats wait until it answers", exc)
+        return
+    if problem:
+        await registry.close()
+        raise StartupError(f"{problem} (SPARSE_INGEST_SCHEMA_REGISTRY_URL)")
+
+
 def schema_registry(settings: Settings) -> Any | None:
     """The registry client when a topic's format needs one (service.registry)."""
     s = settings
@@ -468,6 +483,13 @@ class Service:
             await self._stop_kafka_clients()
             raise
         self.registry = schema_registry(s)
+        if self.registry is not None:
+            try:
+                await check_registry(self.registry)
+            except StartupError:
+                self.registry = None
+                await self._stop_kafka_clients()
+                raise
         try:
             from encoder import EncodeStats
 

@@ -250,6 +250,22 @@ class Settings(BaseSettings):
                 f"format ({self.message_format}, {registry_topics}): set "
                 "SPARSE_INGEST_SCHEMA_REGISTRY_URL"
             )
+        if self.schema_registry_url and not self.schema_registry_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                "SPARSE_INGEST_SCHEMA_REGISTRY_URL must start with http:// or https:// (the "
+                "Confluent-compatible API's base URL)"
+            )
+        if self.schema_registry_password is not None and not self.schema_registry_username:
+            raise ValueError(
+                "SPARSE_INGEST_SCHEMA_REGISTRY_PASSWORD is set but "
+                "SPARSE_INGEST_SCHEMA_REGISTRY_USERNAME is not"
+            )
+        named = [item.partition("=")[0].strip() for item in self.topic_formats]
+        twice = sorted({t for t in named if named.count(t) > 1})
+        if twice:
+            raise ValueError(f"SPARSE_INGEST_TOPIC_FORMATS names {twice} more than once")
         unknown = sorted(set(self.formats()) - set(self.kafka_topics))
         if unknown:
             raise ValueError(
@@ -282,6 +298,8 @@ class Settings(BaseSettings):
         """The settings as a dict fit for logs: secrets stay masked."""
         out = {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self}
         out["es_url"] = self.es_url_redacted
+        if self.schema_registry_url:
+            out["schema_registry_url"] = redact_url(self.schema_registry_url)
         return out
 
 

@@ -33,6 +33,8 @@ MAX_DEPTH = 64
 _ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
 _BOM = b"\xef\xbb\xbf"
 META_FIELD = "sparse_ingest"
+# Debezium's unavailable.value.placeholder (default): a large unchanged column Postgres left out
+UNAVAILABLE_VALUE = "__debezium_unavailable_value"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +306,9 @@ def _key_id(
                 obj = text
     obj = _unwrap(obj)
     if isinstance(obj, dict):
-        value = get_path(obj, contract.id_field)
+        # a Debezium key is the primary key: its only column, or all of them (a composite key
+        # that has an "id" column among others is not that id alone)
+        value = _MISSING if fmt.envelope == "debezium" else get_path(obj, contract.id_field)
         if value is _MISSING:
             if len(obj) == 1:
                 value = next(iter(obj.values()))
@@ -361,6 +365,12 @@ def _upsert(
         raise BadRecord(
             "missing_text", f"none of the text fields {list(contract.text_fields)} has any text"
         )
+    if in_row and any(UNAVAILABLE_VALUE in part for part in parts):
+        raise BadRecord(
+            "unavailable_value",
+            "a text field holds Debezium's placeholder for a value Postgres did not send (an "
+            "unchanged TOASTed column): set REPLICA IDENTITY FULL on the table",
+        )
     text = " ".join(parts)
     if len(text) > contract.max_text_chars:
         raise BadRecord(
@@ -388,17 +398,25 @@ def _change_event(
     key_id: str | None,
     event: object,
     headers: Sequence[tuple[str, bytes]],
-) -> Action:
+) -> Action | None:
     """A Debezium change event: the envelope (``op``, ``before``, ``after``, ``source``), or
     the flattened row of ExtractNewRecordState (``__deleted``, ``__op``, added ``__*`` fields).
     The version is the event's log position (``cdc_version_field``, Postgres: ``source.lsn``),
     which only grows for a row; without one, the version header, else the offset."""
     event = _unwrap(event)
+    if event is None:  # {"schema": ..., "payload": null}: a tombstone
+        return None
     if not isinstance(event, dict):
         raise BadRecord(
             "not_an_object", f"a change event must be an object, got {type(event).__name__}"
         )
     path = contract.cdc_version_field
+    if event.get("op") == "m" or (event.get("op") == "t" and "after" not in event):
+        raise BadRecord(
+            "unsupported_change",
+            f"op {event.get('op')!r} ({'truncate' if event.get('op') == 't' else 'message'}) "
+            "changes no single row: after a TRUNCATE delete the documents or reindex",
+        )
     if "op" in event and ("after" in event or "before" in event):
         op = event.get("op")
         version = _version(contract, ref, get_path(event, path), f"field {path!r}", headers)
@@ -412,7 +430,7 @@ def _change_event(
             return _upsert(contract, ref, after, doc_id, version, in_row=True)
         if op == "d":
             return Delete(ref, _row_id(contract, event.get("before"), key_id, "'before'"), version)
-        if op in ("t", "m"):
+        if op in ("t", "m"):  # (a message event has neither before nor after: see below)
             raise BadRecord(
                 "unsupported_change",
                 f"op {op!r} ({'truncate' if op == 't' else 'message'}) changes no single row: "
@@ -448,7 +466,7 @@ def decode_record(
             f"value is {len(value)} bytes, over SPARSE_INGEST_MAX_MESSAGE_BYTES={contract.max_message_bytes}",
         )
     if fmt.envelope == "debezium":
-        if value is None:
+        if value is None or value.strip() == b"null":  # the JsonConverter writes b"null" too
             return None
         key_id = _key_id(contract, fmt, key, loads)
         return _change_event(

@@ -187,7 +187,11 @@ class BatchProcessor:
             )
             return
         ref = RecordRef(topic, partition, offset, timestamp_ms)
-        if self.registry is not None and self._schemas_missing(key, value):
+        if (
+            self.registry is not None
+            and self.contract.format_for(topic).uses_registry  # never for a JSON topic
+            and self._schemas_missing(key, value)
+        ):
             batch.pending.append((ref, key, value, headers))  # the schema comes first (prepare)
             return
         self._decode(batch, ref, key, value, headers)

@@ -53,6 +53,7 @@ import orjson
 import referencing
 import referencing.exceptions
 import referencing.jsonschema
+import regex
 from fastavro import _read_py as fastavro_py
 from google.protobuf import (
     any_pb2,  # noqa: F401  (the well-known types: loaded into the default pool for imports)
@@ -92,6 +93,12 @@ PROTOC_TIMEOUT_S = 60.0
 # An id the registry did not have is asked again after this long: ids are immutable, but a
 # registry may be restored from a backup, or be the wrong one for a while.
 UNKNOWN_RETRY_S = 300.0
+MAX_SCHEMA_ID = 2**31 - 1  # ids are signed 32-bit integers (Confluent's serializers)
+# JSON Schema "pattern": a regular expression with catastrophic backtracking must not hold the
+# event loop (and the group's heartbeats) for minutes
+PATTERN_TIMEOUT_S = 0.1
+# an Avro decimal's bytes: at most what its precision needs (and never more than this)
+MAX_DECIMAL_BYTES = 512
 MAX_REFERENCE_DEPTH = 32
 MAX_MESSAGE_INDEXES = 100
 _DETAIL_CHARS = 300
@@ -299,6 +306,10 @@ class SchemaRegistry:
 
     async def _fetch_one(self, schema_id: int) -> _Entry:
         what = f"schema id {schema_id}"
+        if schema_id > MAX_SCHEMA_ID:
+            # Confluent's serializers write a signed 32-bit id and its registry answers such an
+            # id with a bare 404 (a path that does not parse), which reads as a wrong URL
+            return _Unknown(time.monotonic() + UNKNOWN_RETRY_S)
         body = await self._get(f"schemas/ids/{schema_id}", what)
         if body is None:
             return _Unknown(time.monotonic() + UNKNOWN_RETRY_S)
@@ -337,6 +348,10 @@ class SchemaRegistry:
             raise
         except RecursionError:
             return _Unsupported(schema_type, "the schema nests too deeply")
+        except OSError as e:  # running protoc failed (no file descriptors, memory): try again
+            raise RegistryUnavailable(
+                f"schema id {schema_id} could not be compiled now ({type(e).__name__}: {e})"
+            ) from e
         except Exception as e:  # a library's surprise on an odd schema must not stop the stream
             log.exception("schema id %d (%s) cannot be used", schema_id, schema_type)
             return _Unsupported(schema_type, _clip(f"it cannot be used: {type(e).__name__}: {e}"))
@@ -391,6 +406,33 @@ class SchemaRegistry:
                 headers=self._headers,
             )
         return self._session
+
+    async def probe(self) -> str | None:
+        """What is wrong with the settings, if the registry says so (``GET subjects``: a wrong
+        URL, refused credentials), else None. An outage raises RegistryUnavailable."""
+        url = URL(f"{self._base}/subjects", encoded=True)
+        try:
+            async with self._requests, self._client().get(url) as resp:
+                status, raw = resp.status, await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise RegistryUnavailable(
+                f"the schema registry at {self._shown} could not be reached: {type(e).__name__}"
+            ) from e
+        if status in (401, 403):
+            return f"the schema registry at {self._shown} refused the credentials: {_AUTH_HINT}"
+        if status >= 500:
+            raise RegistryUnavailable(f"the schema registry at {self._shown} answered {status}")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        if status != 200 or not isinstance(body, list):
+            return (
+                f"{self._shown} answered {status} to GET subjects without the list of a schema "
+                "registry: give the Confluent-compatible API's base URL (Apicurio Registry: "
+                ".../apis/ccompat/v7)"
+            )
+        return None
 
     async def _get(self, path: str, what: str, **params: str) -> dict[str, Any] | None:
         """The JSON object answered, None for the registry's own 404, else RegistryUnavailable."""
@@ -585,6 +627,30 @@ def _avro_shape(schema: Any, named: dict[str, Any]) -> tuple[bool, bool]:
     return recursive, zero_array
 
 
+def _bounded_decimal_reader(read: Any) -> Any:
+    """fastavro's decimal reader, refusing more bytes than the precision needs: a decimal of a
+    million bytes takes minutes to convert (and overflows in the end)."""
+
+    def bounded(data: bytes, writer_schema: Any = None, reader_schema: Any = None) -> Any:
+        schema = writer_schema or {}
+        precision = int(schema.get("precision") or 0)
+        # log2(10) / 8 bytes per digit; a fixed decimal has the size its schema gives
+        needed = max(int(precision * 0.4152) + 2, int(schema.get("size") or 0))
+        limit = min(MAX_DECIMAL_BYTES, needed)
+        if len(data) > limit:
+            raise ValueError("decimal bytes longer than its precision allows")
+        return read(data, writer_schema, reader_schema)
+
+    return bounded
+
+
+# One table serves fastavro's C and Python readers (this process's readers only).
+for _name in ("bytes-decimal", "fixed-decimal"):
+    fastavro.read.LOGICAL_READERS[_name] = _bounded_decimal_reader(
+        fastavro.read.LOGICAL_READERS[_name]
+    )
+
+
 def _decode_avro(entry: _Avro, payload: memoryview, where: str, schema_id: int) -> object:
     stream = io.BytesIO(payload)
     try:
@@ -688,7 +754,66 @@ def _parse_json(schema: str, refs: list[_Ref]) -> _Json:
         if resource.id():
             resources.append((str(resource.id()), resource))
     registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources)
-    return _Json(cls(contents, registry=registry))
+    bounded = jsonschema.validators.extend(
+        cls,
+        {
+            "uniqueItems": _unique_items,
+            "pattern": _pattern,
+            "patternProperties": _pattern_properties,
+        },
+    )
+    return _Json(bounded(contents, registry=registry))
+
+
+class _TooSlow(Exception):
+    """A regular expression of the schema took too long on a value."""
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return regex.search(pattern, text, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError as e:
+        raise _TooSlow from e
+
+
+def _canonical(value: Any) -> Any:
+    """JSON Schema equality: 1 and 1.0 are equal, true and 1 are not; key order is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterable[Any]:
+    """jsonschema's own check compares every pair (quadratic on a long array): by hashing."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[bytes] = set()
+    for item in instance:
+        key = orjson.dumps([type(item) is bool, _canonical(item)], option=orjson.OPT_SORT_KEYS)
+        if key in seen:
+            yield jsonschema.ValidationError("has non-unique elements")
+            return
+        seen.add(key)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterable[Any]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield jsonschema.ValidationError("does not match its pattern")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: Any
+) -> Iterable[Any]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
 def _decode_json(entry: _Json, payload: memoryview, where: str, schema_id: int) -> object:
@@ -711,6 +836,12 @@ def _decode_json(entry: _Json, payload: memoryview, where: str, schema_id: int) 
     except RecursionError as e:
         raise BadRecord(
             "schema_mismatch", f"{where} nests too deeply (JSON Schema id {schema_id})"
+        ) from e
+    except _TooSlow as e:
+        raise BadRecord(
+            "schema_mismatch",
+            f"{where}: a 'pattern' of JSON Schema id {schema_id} took more than "
+            f"{PATTERN_TIMEOUT_S:g} s on a value (catastrophic backtracking): taken as a mismatch",
         ) from e
     if error is not None:
         raise BadRecord(
@@ -1026,6 +1157,9 @@ def _proto_value(fd: FieldDescriptor, value: Any, pool: descriptor_pool.Descript
 
 
 def _proto_scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_STRING and isinstance(value, bytes):
+        # proto2 strings are not checked for UTF-8 when parsed: the bytes come through
+        raise ValueError(f"string field {fd.name!r} is not valid UTF-8")
     if fd.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode("ascii")
     if fd.type == FieldDescriptor.TYPE_ENUM:

@@ -156,7 +156,11 @@ def test_format_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
     ),
@@ -185,3 +189,33 @@ def test_any_change_event_decodes_to_an_action_nothing_or_a_bad_record(
         return
     assert isinstance(action, Upsert | Delete)
     assert action.doc_id and 0 <= action.version < 2**63
+
+
+def test_review_cases_composite_keys_placeholders_and_json_null_tombstones() -> None:
+    # a composite key with an "id" column among others is the whole key, not that id
+    two = [decode(event("c", after=ROW), key=k).doc_id for k in (b'{"tenant": 1, "id": 1}', b'{"tenant": 2, "id": 1}')]  # fmt: skip
+    assert two == ['{"id":1,"tenant":1}', '{"id":1,"tenant":2}']
+    # Postgres left out an unchanged TOASTed column (no REPLICA IDENTITY FULL)
+    with pytest.raises(BadRecord) as bad:
+        decode(event("u", after={**ROW, "body": "__debezium_unavailable_value"}))
+    assert bad.value.reason == "unavailable_value" and "REPLICA IDENTITY FULL" in bad.value.detail
+    # the JsonConverter writes a tombstone as JSON null, with or without the schema wrapper
+    assert decode(b"null") is None
+    assert decode(b'{"schema": {"type": "struct"}, "payload": null}') is None
+    # a message event has neither before nor after
+    with pytest.raises(BadRecord) as bad:
+        decode(orjson.dumps({"op": "m", "source": {"lsn": 5}, "message": {"prefix": "x"}}))
+    assert bad.value.reason == "unsupported_change"
+
+
+def test_registry_settings_are_checked_and_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SPARSE_INGEST_MESSAGE_FORMAT", "SPARSE_INGEST_TOPIC_FORMATS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        load_settings(message_format="avro", schema_registry_url="localhost:8081")
+    with pytest.raises(ConfigError, match="SCHEMA_REGISTRY_USERNAME is not"):
+        load_settings(schema_registry_url="http://r:8081", schema_registry_password="p")
+    with pytest.raises(ConfigError, match="more than once"):
+        load_settings(kafka_topics=["a"], topic_formats="a=json,a=debezium")
+    shown = load_settings(schema_registry_url="http://alice:s3cr3t@reg:8081").redacted()
+    assert "s3cr3t" not in str(shown["schema_registry_url"])

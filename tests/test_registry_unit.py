@@ -793,3 +793,46 @@ async def test_deeply_nested_schemas_are_unsupported_not_fatal(reg: SchemaRegist
         value = value["f"]
     assert value == "a"
     assert bad(reg, header(32) + b"\x02a").reason == "unsupported_schema"
+
+
+# --- review cases: what must not stall the stream -----------------------------------------
+
+
+async def test_an_id_past_int32_is_unknown_without_asking(reg: SchemaRegistry) -> None:
+    # the fixture's registry is unreachable: asking would raise RegistryUnavailable
+    await reg.fetch([2**31, 2**32 - 1])
+    assert bad(reg, header(2**31) + b"x").reason == "unknown_schema"
+
+
+def zigzag(n: int) -> bytes:
+    """An Avro long."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+@pytest.mark.timeout(120)  # before the bounds: 110 s for the decimal, hours for the array
+async def test_hostile_payloads_are_refused_without_minutes_of_cpu(reg: SchemaRegistry) -> None:
+    dec = {"type": "record", "name": "D", "fields": [{"name": "d", "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2}}]}  # fmt: skip
+    await reg._remember(31, {"schema": json.dumps(dec)})
+    size = 900_000
+    assert bad(reg, header(31) + zigzag(size) + b"\x01" * size).reason == "schema_mismatch"
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "uniqueItems": True},
+            "mail": {"type": "string", "pattern": "^([a-zA-Z0-9]+)*@x$"},
+        },
+    }
+    await reg._remember(32, {"schemaType": "JSON", "schema": json.dumps(schema)})
+    tags = [i if i % 2 else str(i) for i in range(20_000)]
+    assert reg.decode(header(32) + json.dumps({"tags": tags}).encode(), "json-schema", "v")
+    slow = bad(reg, header(32) + json.dumps({"mail": "a" * 40 + "!"}).encode(), "json-schema")
+    assert slow.reason == "schema_mismatch"
+    dup = bad(reg, header(32) + json.dumps({"tags": [1, "1", 1.0]}).encode(), "json-schema")
+    assert dup.reason == "schema_mismatch"
