@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -166,3 +169,15 @@ def cosine(a: dict[str, float], b: dict[str, float]) -> float:
 def metric(service: Service, name: str, labels: dict[str, str] | None = None) -> float:
     value = service.metrics.registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+
+def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``sparse-ingest ARGS`` in a child process with ``env`` on top of ours."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

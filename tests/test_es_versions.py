@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from service_support import (
+    cli,
     create_topic,
     doc,
     metric,
@@ -28,17 +26,6 @@ from service.app import elasticsearch_client
 from service.elastic import delete_index
 from service.messages import META_FIELD
 from service.reindex import alias_state, reindex
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 async def test_ingest_search_and_reindex_on_each_major(
@@ -90,7 +77,7 @@ async def test_ingest_search_and_reindex_on_each_major(
 
         env = {"SPARSE_INGEST_ES_URL": url, "SPARSE_INGEST_ES_INDEX": alias,
                "SPARSE_INGEST_MODEL_DIR": str(default_model_dir)}  # fmt: skip
-        out = await asyncio.to_thread(_cli, ["search", "cat windowsill", "--json"], env)
+        out = await asyncio.to_thread(cli, ["search", "cat windowsill", "--json"], env)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)[0]["id"] == "cat"
 

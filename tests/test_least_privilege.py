@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +16,7 @@ import pytest
 from elasticsearch import AsyncElasticsearch
 from pydantic import SecretStr
 from service_support import (
+    cli,
     create_topic,
     doc,
     produce,
@@ -54,17 +53,6 @@ def _roles(alias: str) -> dict[str, dict[str, Any]]:
         f"{alias}-nowrite": {"indices": [{"names": names, "privileges": ["read", "view_index_metadata"]}]},
         f"{alias}-noread": {"indices": [{"names": names, "privileges": ["write", "view_index_metadata"]}]},
     }  # fmt: skip
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 async def _start(settings: Any, encoder: Any) -> None:
@@ -137,7 +125,7 @@ async def test_run_and_search_with_index_privileges_only(
         "SPARSE_INGEST_ES_PASSWORD": password,
         "SPARSE_INGEST_MODEL_DIR": str(default_model_dir),
     }
-    out = _cli(["search", "rivers", "--json", "--mode", "hybrid", "--size", "5"], env)
+    out = cli(["search", "rivers", "--json", "--mode", "hybrid", "--size", "5"], env)
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)) == 5
 
@@ -149,7 +137,7 @@ async def test_run_and_search_with_index_privileges_only(
         with pytest.raises(StartupError, match=f"lacks the index privilege\\(s\\) {lacking} "):
             await _start(settings(kind), default_encoder)
     user, password = users["other"]
-    out = _cli(["run"], {**env, "SPARSE_INGEST_ES_USERNAME": user,
+    out = cli(["run"], {**env, "SPARSE_INGEST_ES_USERNAME": user,
                          "SPARSE_INGEST_ES_PASSWORD": password,
                          "SPARSE_INGEST_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
                          "SPARSE_INGEST_KAFKA_TOPICS": topic, "SPARSE_INGEST_HTTP_PORT": "0"})  # fmt: skip
