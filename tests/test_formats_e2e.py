@@ -156,3 +156,94 @@ async def test_debezium_change_events_in_avro(
     resp = await es.search(index=index_name, size=10, version=True)
     got = {h["_id"]: (h["_source"]["title"], h["_version"]) for h in resp["hits"]["hits"]}
     assert got == {"1": ("updated one", 300), "2": ("created two", 200)}
+
+
+ARTICLE_JSON_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "title": {"type": "string"},
+        "body": {"type": "string"},
+    },
+    "required": ["id", "title"],
+}
+
+
+def article_proto(package: str) -> Any:
+    """A message class ``Article {string id = 1; string title = 2; string body = 3;}`` built from
+    a FileDescriptorProto (no protoc, no generated code)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name=f"{package}/article.proto", package=package, syntax="proto3")  # fmt: skip
+    message = f.message_type.add(name="Article")
+    for number, name in enumerate(("id", "title", "body"), 1):
+        message.field.add(
+            name=name,
+            number=number,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Article"))
+
+
+async def test_json_schema_and_protobuf_topics_in_one_service(
+    kafka_bootstrap: str,
+    es_url: str,
+    es: AsyncElasticsearch,
+    topic: str,
+    index_name: str,
+    registry_url: str,
+    default_encoder: Any,
+) -> None:
+    """Two topics, two formats (TOPIC_FORMATS), one service; a JSON payload that breaks its
+    JSON Schema is a dead letter."""
+    import uuid
+
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+
+    json_topic, proto_topic = f"{topic}-js", f"{topic}-pb"
+    for name in (json_topic, proto_topic):
+        await create_topic(kafka_bootstrap, name, 1)
+    client = SchemaRegistryClient({"url": registry_url})
+    as_json = JSONSerializer(json.dumps(ARTICLE_JSON_SCHEMA), client)
+    lenient = JSONSerializer(json.dumps(ARTICLE_JSON_SCHEMA), client, conf={"validate": False})
+    jctx = SerializationContext(json_topic, MessageField.VALUE)
+    await produce(
+        kafka_bootstrap,
+        json_topic,
+        [
+            (b"j1", as_json({"id": "j1", "title": "json one", "body": "volcano"}, jctx), []),
+            (b"j2", as_json({"id": "j2", "title": "json two", "body": "lava"}, jctx), []),
+            (b"j3", lenient({"id": "j3", "body": "no title"}, jctx), []),  # breaks "required"
+        ],
+    )
+    article = article_proto(f"news.v{uuid.uuid4().hex[:6]}")
+    as_proto = ProtobufSerializer(article, client, {"use.deprecated.format": False})
+    pctx = SerializationContext(proto_topic, MessageField.VALUE)
+    await produce(
+        kafka_bootstrap,
+        proto_topic,
+        [
+            (b"p1", as_proto(article(id="p1", title="proto one", body="desert"), pctx), []),
+            (b"p2", as_proto(article(id="p2", title="proto two", body="dune"), pctx), []),
+        ],
+    )
+    settings = service_settings(
+        kafka_bootstrap, es_url, json_topic, index_name,
+        kafka_topics=[json_topic, proto_topic],
+        topic_formats=[f"{json_topic}=json-schema", f"{proto_topic}=protobuf"],
+        schema_registry_url=registry_url,
+    )  # fmt: skip
+    async with running_service(settings, default_encoder):
+        for name in (json_topic, proto_topic):
+            await wait_all_committed(kafka_bootstrap, settings.kafka_group_id, name)
+    await es.indices.refresh(index=index_name)
+    resp = await es.search(index=index_name, size=10)
+    got = {h["_id"]: h["_source"]["title"] for h in resp["hits"]["hits"]}
+    assert got == {"j1": "json one", "j2": "json two", "p1": "proto one", "p2": "proto two"}
+    letters = await read_topic(kafka_bootstrap, settings.dead_letter_topic, 1)
+    assert [dict(letter.headers)["error.reason"] for letter in letters] == [b"schema_mismatch"]
