@@ -31,12 +31,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 
-# Dependencies first (a layer that changes only with pyproject.toml), then the project's wheel.
-COPY pyproject.toml README.md ./
+# Dependencies first (a layer that changes only with pyproject.toml), then the project's wheel
+# (the README, which changes often, only for the wheel's metadata).
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt
 
+COPY README.md ./
 COPY service/ service/
 COPY encoder/ encoder/
 COPY deploy/ deploy/

@@ -646,12 +646,21 @@ def _metadata_fields(meta: Any) -> dict[str, Any]:
 async def run_forever(settings: Settings) -> int:
     """``sparse-ingest run``: start, serve until SIGTERM/SIGINT, drain, commit, exit."""
     service = Service(settings)
+    loop = asyncio.get_running_loop()
+    # A signal during the start (model load, checks: seconds) cancels it: as PID 1 in a
+    # container a SIGTERM without a handler is ignored, and the stop would wait for SIGKILL.
+    starting = asyncio.ensure_future(service.start())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, starting.cancel)
     try:
-        await service.start()
+        await starting
+    except asyncio.CancelledError:
+        await service.stop()
+        log.info("stopped during the start")
+        return 0
     except BaseException:
         await service.stop()  # close what did start (clients, sockets) before exiting
         raise
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
     log.info(
