@@ -41,6 +41,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DeleteGroupsRequest
 from elasticsearch import ApiError, AsyncElasticsearch
 
@@ -99,26 +100,22 @@ class Progress:
 
 
 class LagMeter:
-    """Committed offsets of ``group`` against the topics' end offsets."""
+    """Committed offsets of ``group`` against the topics' end offsets (no group: the topics'
+    offsets and configs only)."""
 
-    def __init__(self, settings: Settings, group: str) -> None:
+    def __init__(self, settings: Settings, group: str | None = None) -> None:
         from service.app import kafka_security
 
         self.settings = settings
         self.group = group
-        security = kafka_security(settings)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             client_id=f"{settings.kafka_client_id}-reindex-lag",
             enable_auto_commit=False,
             isolation_level="read_committed",  # end offsets = last stable offsets
-            **security,
+            **kafka_security(settings),
         )
-        self.admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            client_id=f"{settings.kafka_client_id}-reindex-admin",
-            **security,
-        )
+        self.admin = _kafka_admin(settings, "reindex-admin")
         self._previous_ends: dict[TopicPartition, int] | None = None
         self._previous: tuple[float, int] | None = None
 
@@ -132,14 +129,18 @@ class LagMeter:
         with contextlib.suppress(Exception):
             await self.admin.close()
 
+    async def partitions(self, topic: str) -> list[TopicPartition]:
+        ids = self.consumer.partitions_for_topic(topic)
+        if not ids:  # a consumer that subscribes to nothing has no metadata until asked
+            await self.consumer._client.force_metadata_update()
+            ids = self.consumer.partitions_for_topic(topic) or set()
+        return [TopicPartition(topic, p) for p in sorted(ids)]
+
     async def measure(self) -> Progress:
+        assert self.group is not None
         partitions: list[TopicPartition] = []
         for topic in self.settings.kafka_topics:
-            ids = self.consumer.partitions_for_topic(topic)
-            if not ids:
-                await self.consumer._client.force_metadata_update()
-                ids = self.consumer.partitions_for_topic(topic) or set()
-            partitions.extend(TopicPartition(topic, p) for p in sorted(ids))
+            partitions.extend(await self.partitions(topic))
         ends = await self.consumer.end_offsets(partitions) if partitions else {}
         starts = await self.consumer.beginning_offsets(partitions) if partitions else {}
         offsets = await self.admin.list_consumer_group_offsets(self.group)
@@ -167,21 +168,22 @@ async def check_history(settings: Settings) -> list[str]:
     """Why the topics may not hold every document's latest change: partitions whose oldest
     records were deleted (retention) on topics that are not compacted. A reindex from them
     would miss the documents whose last change is older."""
-    meter = LagMeter(settings, "-")
+    meter = LagMeter(settings)
     problems: list[str] = []
     try:
         await meter.start()
-        await meter.consumer._client.force_metadata_update()
         for topic in settings.kafka_topics:
-            ids = meter.consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(ids)]
+            tps = await meter.partitions(topic)
             starts = await meter.consumer.beginning_offsets(tps) if tps else {}
             lost = {tp.partition: off for tp, off in starts.items() if off > 0}
             if not lost:
                 continue
-            configs = await meter.admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, topic)]
-            )
+            try:
+                configs = await meter.admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, topic)]
+                )
+            except KafkaError:  # no DescribeConfigs ACL: the policy cannot be known
+                configs = []
             policy = next(
                 (
                     str(entry[1])
@@ -190,7 +192,7 @@ async def check_history(settings: Settings) -> list[str]:
                     for entry in res[4]
                     if entry[0] == "cleanup.policy"
                 ),
-                "delete",
+                "unknown" if not configs else "delete",
             )
             if "compact" not in policy:
                 problems.append(
