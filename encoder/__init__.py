@@ -10,6 +10,7 @@ from encoder.errors import ModelError
 from encoder.features import es_feature_name
 from encoder.fetch import cache_root, default_model_dir, fetch_default_model, fetch_model
 from encoder.metadata import FidelityInfo, ModelMetadata, QuantizationInfo
+from encoder.passages import Passage
 from encoder.registry import MODELS, ModelDescription
 from encoder.runtime import EncodeStats, SparseEncoder, SparseVector
 
@@ -20,6 +21,7 @@ __all__ = [
     "ModelDescription",
     "ModelError",
     "ModelMetadata",
+    "Passage",
     "QuantizationInfo",
     "SparseEncoder",
     "SparseVector",

@@ -18,7 +18,8 @@ TOKENIZER_FILE = "tokenizer.json"
 IDF_FILE = "idf.json"
 FORMAT_VERSION = 1
 
-LongTextMode = Literal["chunk", "truncate"]
+LongTextMode = Literal["chunk", "truncate", "passages"]
+LONG_TEXT_MODES: tuple[LongTextMode, ...] = ("chunk", "truncate", "passages")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class ModelMetadata:
     pooling: str = "splade_max"
     long_text: LongTextMode = "chunk"
     window_overlap: int = 64
+    # tokens per window (truncate, chunk, passages), special tokens not counted; 0: as many as
+    # the model takes (max_length minus [CLS] and [SEP])
+    window_tokens: int = 0
     query_mode: QueryMode = "model"
     license: str = ""
     source: str = ""
@@ -143,4 +147,6 @@ def document_fingerprint(model_path: Path, tokenizer_path: Path, meta: ModelMeta
     digest.update(
         f"|{meta.pooling}|{meta.long_text}|{meta.window_overlap}|{meta.max_length}".encode()
     )
+    if meta.window_tokens:  # only when set: the fingerprints of earlier releases stay the same
+        digest.update(f"|window {meta.window_tokens}".encode())
     return digest.hexdigest()[:16]

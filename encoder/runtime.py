@@ -26,6 +26,7 @@ from encoder.gate import SessionGate
 from encoder.graph import ORT_DISABLED_OPTIMIZERS, OUTPUT_NAME
 from encoder.metadata import (
     IDF_FILE,
+    LONG_TEXT_MODES,
     MODEL_FILE,
     TOKENIZER_FILE,
     LongTextMode,
@@ -34,6 +35,7 @@ from encoder.metadata import (
     document_fingerprint,
     read_metadata,
 )
+from encoder.passages import Passage, passage_spans
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,14 @@ class EncodeStats:
 class _Unit:
     doc: int
     ids: list[int]
+    start: int = 0  # characters of the text the window covers (passages only)
+    end: int = 0
+
+
+# Tokens that end a sentence when whitespace follows them (passage boundaries), and the
+# full-width ones of Chinese and Japanese, which need none.
+_SENTENCE_END = frozenset(".!?;\u3002\uff01\uff1f")
+_FULL_WIDTH_SENTENCE_END = frozenset("\u3002\uff01\uff1f")
 
 
 class SparseEncoder:
@@ -125,7 +135,22 @@ class SparseEncoder:
         cut = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
         self._prefix = full[:cut]
         self._suffix = full[cut + len(plain) :]
-        self._window = metadata.max_length - len(self._prefix) - len(self._suffix)
+        model_window = metadata.max_length - len(self._prefix) - len(self._suffix)
+        if not 0 <= metadata.window_tokens <= model_window or 0 < metadata.window_tokens < 16:
+            raise ModelError(
+                f"window of {metadata.window_tokens} tokens: between 16 and {model_window} (what "
+                f"{metadata.name} takes besides its special tokens), or 0 for all of them "
+                "(the service's SPARSE_INGEST_WINDOW_TOKENS)"
+            )
+        self._window: int = metadata.window_tokens or model_window
+        if (
+            metadata.long_text != "truncate"
+            and not 0 <= metadata.window_overlap <= self._window // 2
+        ):
+            raise ModelError(
+                f"window overlap of {metadata.window_overlap} tokens: between 0 and half the "
+                f"window ({self._window // 2}; the service's SPARSE_INGEST_WINDOW_OVERLAP)"
+            )
         pad_id = tokenizer.token_to_id("[PAD]")
         self._pad_id = 0 if pad_id is None else pad_id
         self._extra_inputs = {
@@ -144,14 +169,20 @@ class SparseEncoder:
         max_batch_docs: int = DEFAULT_MAX_BATCH_DOCS,
         long_text: LongTextMode | None = None,
         model_file: str | None = None,
+        window_tokens: int | None = None,
+        window_overlap: int | None = None,
     ) -> SparseEncoder:
         """Load an exported model folder.
 
         ``threads``: ONNX Runtime intra-op threads (default: the CPUs this process may use,
         affinity and cgroup quota). ``max_batch_tokens``: padded tokens per inference call
         (default: ``default_max_batch_tokens(metadata)``, 1024 or 2048). ``long_text``:
-        ``"chunk"`` (overlapping windows, max-merged) or ``"truncate"``; None takes the metadata
-        default. ``model_file``: another ONNX file of the folder, e.g. ``"model.fp32.onnx"``.
+        ``"chunk"`` (overlapping windows, max-merged), ``"truncate"`` or ``"passages"`` (one
+        vector per window: :meth:`encode_passages`); None takes the metadata default.
+        ``window_tokens``: tokens per window, special tokens not counted (default: all the model
+        takes); ``window_overlap``: tokens neighbouring windows share (default: the metadata's,
+        64, but at most a quarter of a ``window_tokens`` given).
+        ``model_file``: another ONNX file of the folder, e.g. ``"model.fp32.onnx"``.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -168,9 +199,17 @@ class SparseEncoder:
         if meta.pooling != "splade_max":
             raise ModelError(f"{model_dir}: pooling {meta.pooling!r} is not supported (splade_max)")
         if long_text is not None:
-            if long_text not in ("chunk", "truncate"):
-                raise ValueError(f"long_text must be 'chunk' or 'truncate', not {long_text!r}")
+            if long_text not in LONG_TEXT_MODES:
+                raise ValueError(
+                    f"long_text must be one of {', '.join(LONG_TEXT_MODES)}, not {long_text!r}"
+                )
             meta = replace(meta, long_text=long_text)
+        if window_tokens is not None:
+            meta = replace(meta, window_tokens=window_tokens)
+            if window_overlap is None and window_tokens:  # the folder's overlap, at most 1/4
+                meta = replace(meta, window_overlap=min(meta.window_overlap, window_tokens // 4))
+        if window_overlap is not None:
+            meta = replace(meta, window_overlap=window_overlap)
         fp32_file = meta.files.get("model_fp32")
         model_file = model_file or meta.files.get("model", MODEL_FILE)
         if model_file == fp32_file:
@@ -262,6 +301,11 @@ class SparseEncoder:
         return self.metadata.long_text
 
     @property
+    def window_tokens(self) -> int:
+        """Tokens per window (special tokens not counted)."""
+        return self._window
+
+    @property
     def priority_burst(self) -> int:
         """Priority inference calls (queries, ``priority=True``) that may pass a waiting document
         call in a row; then that one goes (``encoder.gate``). The service sets it from
@@ -283,6 +327,35 @@ class SparseEncoder:
         """One ``{token: weight}`` per text; long texts follow ``self.long_text``.
         ``priority``: an interactive call (an API request), served before waiting batches."""
         return [vecs[0] for vecs in self._encode(texts, stats, per_window=False, priority=priority)]
+
+    def encode_passages(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[list[Passage]]:
+        """Per text, its passages in order: windows of ``window_tokens`` tokens that share at
+        most ``window_overlap``, cut at sentence or word boundaries where one is near
+        (:func:`encoder.batching.passage_spans`), each with its character offsets and its
+        vector. A text that fits one window is one passage, ``[0, len(text))``."""
+        if isinstance(texts, str):
+            raise TypeError("pass a sequence of texts, not a single string")
+        started = time.perf_counter()
+        units = self._passage_units(texts)
+        grouped: list[list[Passage]] = [[] for _ in texts]
+        vectors = self._run_units(units, len(texts), stats, started)
+        for unit, vec in zip(units, vectors, strict=True):
+            grouped[unit.doc].append(Passage(unit.start, unit.end, vec))
+        return grouped
+
+    async def aencode_passages(
+        self, texts: Sequence[str], stats: EncodeStats | None = None
+    ) -> list[list[Passage]]:
+        """:meth:`encode_passages` off the event loop (the document thread)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-encoder")
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, self.encode_passages, list(texts), stats
+        )
 
     def encode_documents_chunks(
         self, texts: Sequence[str], stats: EncodeStats | None = None
@@ -388,6 +461,41 @@ class SparseEncoder:
                 units.append(_Unit(doc, prefix + ids[start : start + window] + suffix))
         return units
 
+    def _passage_units(self, texts: Sequence[str]) -> list[_Unit]:
+        """The windows of ``long_text="passages"``, with the characters each covers."""
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)  # with offsets
+        prefix, suffix, window = self._prefix, self._suffix, self._window
+        overlap = min(self.metadata.window_overlap, window // 2)
+        units = []
+        for doc, (text, e) in enumerate(zip(texts, encs, strict=True)):
+            ids, offsets = e.ids, e.offsets
+            if len(ids) <= window:
+                units.append(_Unit(doc, prefix + ids + suffix, 0, len(text)))
+                continue
+            words = e.word_ids
+            word_start = [i == 0 or words[i] != words[i - 1] for i in range(len(ids))]
+            sentence_start = [False] * len(ids)
+            for i in range(1, len(ids)):
+                if not word_start[i]:
+                    continue
+                gap = text[offsets[i - 1][1] : offsets[i][0]]
+                previous = text[offsets[i - 1][0] : offsets[i - 1][1]]
+                if (gap and ("\n" in gap or previous in _SENTENCE_END)) or (
+                    previous in _FULL_WIDTH_SENTENCE_END
+                ):
+                    sentence_start[i] = True
+            spans = passage_spans(len(ids), window, overlap, word_start, sentence_start)
+            for start, end in spans:
+                units.append(
+                    _Unit(
+                        doc,
+                        prefix + ids[start:end] + suffix,
+                        0 if start == 0 else offsets[start][0],
+                        len(text) if end == len(ids) else offsets[end - 1][1],
+                    )
+                )
+        return units
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, priority: bool = False) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         for name in self._extra_inputs:  # token_type_ids of foreign exports: one segment
@@ -403,26 +511,49 @@ class SparseEncoder:
         per_window: bool,
         priority: bool = False,
     ) -> list[list[SparseVector]]:
-        """Per text: its window vectors (``per_window``) or a one-item list of its vector."""
+        """Per text: its window vectors (``per_window``) or a one-item list of its vector (its
+        windows max-merged: ``chunk``, and ``passages`` for a single vector)."""
         if isinstance(texts, str):
             raise TypeError("pass a sequence of texts, not a single string")
+        mode = self.metadata.long_text
+        started = time.perf_counter()
+        if mode == "passages" and not per_window:
+            units = self._passage_units(texts)
+        else:
+            units = self._units(texts, chunk=per_window or mode != "truncate")
+        if not per_window:
+            merged = self._run_units(units, len(texts), stats, started, priority, merge=True)
+            return [[vec] for vec in merged]
+        grouped: list[list[SparseVector]] = [[] for _ in texts]
+        vectors = self._run_units(units, len(texts), stats, started)
+        for unit, vec in zip(units, vectors, strict=True):
+            grouped[unit.doc].append(vec)
+        return grouped
+
+    def _run_units(
+        self,
+        units: Sequence[_Unit],
+        n_texts: int,
+        stats: EncodeStats | None,
+        started: float,
+        priority: bool = False,
+        merge: bool = False,
+    ) -> list[SparseVector]:
+        """Run the model over the windows in token-budget batches. Returns one vector per
+        window, or with ``merge`` one per text (its windows max-merged in a dense buffer until
+        the last is done). ``started``: when tokenizing began (for ``stats``)."""
         st = stats if stats is not None else EncodeStats()
-        t0 = time.perf_counter()
-        chunk = per_window or self.metadata.long_text == "chunk"
-        units = self._units(texts, chunk)
         lengths = [len(u.ids) for u in units]
         batches = plan_batches(lengths, self.max_batch_tokens, self.max_batch_docs)
-        st.tokenize_seconds += time.perf_counter() - t0
-        st.texts += len(texts)
+        st.tokenize_seconds += time.perf_counter() - started
+        st.texts += n_texts
         st.windows += len(units)
         st.tokens += sum(lengths)
         st.batches += len(batches)
 
-        windows_per_doc = np.bincount([u.doc for u in units], minlength=len(texts))
-        # Per window results (per_window) or per document; multi-window docs are max-merged in a
-        # dense buffer until their last window is done.
-        per_unit: list[SparseVector] = [{} for _ in units] if per_window else []
-        per_doc: list[SparseVector] = [{} for _ in texts]
+        windows_per_doc = np.bincount([u.doc for u in units], minlength=n_texts)
+        per_unit: list[SparseVector] = [] if merge else [{} for _ in units]
+        per_doc: list[SparseVector] = [{} for _ in range(n_texts)] if merge else []
         pending: dict[int, np.ndarray] = {}
         remaining = windows_per_doc.copy()
         for batch in batches:
@@ -437,7 +568,7 @@ class SparseEncoder:
             t2 = time.perf_counter()
             out = self._run(ids, mask, priority)
             t3 = time.perf_counter()
-            if per_window:
+            if not merge:
                 for i, vec in zip(batch, self._features.to_dicts(out), strict=True):
                     per_unit[i] = vec
             else:
@@ -458,12 +589,7 @@ class SparseEncoder:
             st.tokenize_seconds += t2 - t1
             st.inference_seconds += t3 - t2
             st.pooling_seconds += t4 - t3
-        if not per_window:
-            return [[vec] for vec in per_doc]
-        grouped: list[list[SparseVector]] = [[] for _ in texts]
-        for unit, vec in zip(units, per_unit, strict=True):
-            grouped[unit.doc].append(vec)
-        return grouped
+        return per_doc if merge else per_unit
 
 
 def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:

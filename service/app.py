@@ -36,7 +36,7 @@ from elasticsearch import (
 )
 
 from service import record_guard
-from service.config import Settings
+from service.config import DEFAULT_PASSAGE_TOKENS, Settings
 from service.deadletter import DeadLetterWriter
 from service.elastic import ClusterInfo, CompatibleTransport, accepted_versions, describe_cluster
 from service.http import HttpApi, HttpLimits
@@ -114,6 +114,9 @@ def build_sink(settings: Settings, es: AsyncElasticsearch, encoder: Any) -> Elas
             number_of_replicas=s.es_number_of_replicas,
             refresh_interval=s.es_refresh_interval,
             prune_below=s.es_prune_below,
+            passage_field=(
+                s.es_passage_field if getattr(encoder, "long_text", "") == "passages" else None
+            ),
         ),
         model_name=model_name,
         chunk_size=s.es_bulk_chunk_size,
@@ -125,7 +128,59 @@ def build_sink(settings: Settings, es: AsyncElasticsearch, encoder: Any) -> Elas
     sink.fingerprint = vector_fingerprint(
         model_name, str(getattr(encoder, "fingerprint", "")), s.es_prune_below
     )
+    sink.long_text = describe_long_text(encoder)
+    if sink.config.passage_field:
+        check_passage_bound(s, encoder)
     return sink
+
+
+# Elasticsearch's index.mapping.nested_objects.limit (default): nested objects a document may
+# hold; a document with more passages would be refused (and dead-lettered)
+NESTED_OBJECTS_LIMIT = 10_000
+
+
+def check_passage_bound(settings: Settings, encoder: Any) -> None:
+    """The most passages a document of ``MAX_TEXT_CHARS`` characters can make (a token per
+    character at worst, as in CJK text) must stay within Elasticsearch's nested-object limit:
+    else refuse the start, naming the settings, rather than dead-letter long documents."""
+    window = int(encoder.window_tokens)
+    overlap = min(int(encoder.metadata.window_overlap), window // 2)
+    stride = max(1, window - overlap)
+    worst = -(-max(0, settings.max_text_chars - window) // stride) + 1
+    if worst > NESTED_OBJECTS_LIMIT:
+        raise StartupError(
+            f"passages of {window} tokens overlapping by {overlap} can make up to {worst:,} "
+            f"passages from a document of SPARSE_INGEST_MAX_TEXT_CHARS={settings.max_text_chars:,} "
+            f"characters, over Elasticsearch's limit of {NESTED_OBJECTS_LIMIT:,} nested objects "
+            "a document: raise SPARSE_INGEST_WINDOW_TOKENS, lower SPARSE_INGEST_WINDOW_OVERLAP "
+            "or SPARSE_INGEST_MAX_TEXT_CHARS"
+        )
+
+
+def describe_long_text(encoder: Any) -> str:
+    """How ``encoder`` turns long texts into vectors, in words (``passages of 510 tokens,
+    overlap 64``)."""
+    mode = getattr(encoder, "long_text", None)
+    window = getattr(encoder, "window_tokens", None)
+    if mode is None or window is None:
+        return ""
+    if mode == "truncate":
+        return f"truncate at {window} tokens"
+    what = "passages" if mode == "passages" else "chunk (windows max-merged)"
+    return f"{what} of {window} tokens, overlap {encoder.metadata.window_overlap}"
+
+
+def searcher_for(sink: ElasticsearchSink, index: str | None = None) -> Searcher:
+    """The searcher of what ``sink`` writes (its vector field or passages), on ``index``
+    (default: the alias or index of the settings)."""
+    cfg = sink.config
+    return Searcher(
+        sink.client,
+        index or cfg.index,
+        cfg.vector_field,
+        cfg.text_fields,
+        passage_field=cfg.passage_field,
+    )
 
 
 async def open_index(sink: ElasticsearchSink, settings: Settings) -> str:
@@ -288,6 +343,25 @@ def kafka_authorization_error(settings: Settings, exc: BaseException) -> str | N
     return None
 
 
+def long_text_options(settings: Settings) -> dict[str, Any]:
+    """How the settings have long texts encoded: ``long_text``, ``window_tokens`` and
+    ``window_overlap`` for :meth:`encoder.SparseEncoder.load` (passages are
+    ``DEFAULT_PASSAGE_TOKENS`` long unless ``SPARSE_INGEST_WINDOW_TOKENS`` says otherwise, or
+    the model takes fewer)."""
+    window = settings.window_tokens
+    if window is None and settings.long_text == "passages":
+        from encoder.metadata import read_metadata
+
+        # (an unreadable folder: SparseEncoder.load says what is wrong with it)
+        with contextlib.suppress(Exception):
+            window = min(DEFAULT_PASSAGE_TOKENS, read_metadata(settings.model_dir).max_length - 2)
+    return {
+        "long_text": settings.long_text,
+        "window_tokens": window,
+        "window_overlap": settings.window_overlap,
+    }
+
+
 def load_encoder(settings: Settings) -> Any:
     from encoder import SparseEncoder
 
@@ -296,7 +370,7 @@ def load_encoder(settings: Settings) -> Any:
         threads=settings.encoder_threads,
         max_batch_tokens=settings.encoder_max_batch_tokens,
         max_batch_docs=settings.encoder_max_batch_docs,
-        long_text=settings.long_text,
+        **long_text_options(settings),
     )
 
 
@@ -428,7 +502,7 @@ class Service:
             log.info("writing and searching index %s (alias %s)", self.index, s.es_index)
         # search the index written, whose vectors come from this model (not what the alias
         # may point at after a reindex)
-        self.searcher = Searcher(self.es, self.index, s.es_vector_field, s.text_fields)
+        self.searcher = searcher_for(sink, self.index)
 
         if consume:
             await self._start_kafka(sink, encoder)

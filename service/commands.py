@@ -71,22 +71,39 @@ def _search(args: argparse.Namespace) -> int:
 
 
 async def _search_async(settings: Any, args: argparse.Namespace) -> int:
-    from service.app import StartupError, check_elasticsearch, elasticsearch_client, load_encoder
-    from service.search import Searcher
+    from elasticsearch import NotFoundError
+
+    from service.app import (
+        StartupError,
+        build_sink,
+        check_elasticsearch,
+        elasticsearch_client,
+        load_encoder,
+        searcher_for,
+    )
 
     encoder = load_encoder(settings)
     es = elasticsearch_client(settings)
     try:
         try:
             await check_elasticsearch(es, settings)
+            searcher = searcher_for(build_sink(settings, es, encoder))
         except StartupError as exc:
             print(f"sparse-ingest: {exc}", file=sys.stderr)
             return 1
-        searcher = Searcher(es, settings.es_index, settings.es_vector_field, settings.text_fields)
+        try:
+            await searcher.follow_mapping(settings.es_passage_field)
+        except NotFoundError:
+            print(
+                f"sparse-ingest: index or alias {settings.es_index!r} does not exist "
+                "(SPARSE_INGEST_ES_INDEX, --index)",
+                file=sys.stderr,
+            )
+            return 1
         vector = None if args.mode == "bm25" else encoder.encode_queries([args.query])[0]
         hits = await searcher.search(args.mode, args.query, vector, args.size)
         if args.json:
-            print(json.dumps([{"id": h.id, "score": h.score, "source": h.source} for h in hits]))
+            print(json.dumps([h.as_dict() for h in hits]))
             return 0
         print(f"{args.mode} search in {settings.es_index!r} for {args.query!r}: {len(hits)} hit(s)")
         for rank, hit in enumerate(hits, 1):
@@ -94,6 +111,10 @@ async def _search_async(settings: Any, args: argparse.Namespace) -> int:
                 (str(hit.source[f]) for f in settings.text_fields if hit.source.get(f)), ""
             )
             print(f"{rank:>3}. {hit.score:8.4f}  {hit.id}  {title[:90]}")
+            if hit.passage is not None:
+                p = hit.passage
+                text = " ".join((p.text or "(text not available)").split())
+                print(f"       passage {p.ordinal + 1}, characters {p.start}-{p.end}: {text[:300]}")
         return 0
     finally:
         await es.close()

@@ -152,6 +152,77 @@ async def _wait_done(svc: Service, expected: int, t0: float, label: str) -> None
         await asyncio.sleep(0.1)
 
 
+def manual_documents(documents: list[dict[str, str]], count: int = 2) -> list[dict[str, str]]:
+    """Long documents: the ``count`` modules with the most text, each as one document of all
+    its paragraphs (a module's manual, thousands of tokens)."""
+    by_module: dict[str, list[str]] = {}
+    for d in documents:
+        by_module.setdefault(d["module"], []).append(d["body"])
+    largest = sorted(by_module, key=lambda m: -sum(len(p) for p in by_module[m]))[:count]
+    return [
+        {"id": f"manual:{m}", "title": f"{m} (the whole manual)",
+         "body": "\n\n".join(by_module[m]), "module": m}
+        for m in largest
+    ]  # fmt: skip
+
+
+async def _long_document_search(svc: Service, manual: dict[str, str]) -> bool:
+    """Search for a paragraph deep inside a module manual: the manual is found by its best
+    passage, past the first 512 tokens (where truncation, ELSER's limit, stops reading)."""
+    assert svc.searcher is not None and svc.encoder is not None
+    encoder = svc.encoder
+    _say("\n== 7. long documents: the passage that matched")
+    if svc.searcher.passage_field is None:
+        _say(
+            f"   (SPARSE_INGEST_LONG_TEXT={encoder.long_text}: one vector a document, no passages)"
+        )
+        return True
+    text = f"{manual['title']} {manual['body']}"  # the text fields, joined as encoded
+    total = encoder.count_tokens([text])[0]
+    # paragraphs that start past the first 600 tokens; the one two thirds of the way through
+    deep = []
+    for paragraph in manual["body"].split("\n\n"):
+        if encoder.count_tokens([text[: text.index(paragraph)]])[0] > 600:
+            deep.append(paragraph)
+    if not deep:
+        _say(
+            f"   ({manual['id']} is {total} tokens long: too short to show; stream more documents)"
+        )
+        return True
+    target = deep[len(deep) * 2 // 3]
+    words = [w for w in dict.fromkeys(_WORD.findall(target.lower())) if len(w) > 4][:6]
+    query = " ".join(words)
+    vector = encoder.encode_queries([query])[0]
+    hits = await svc.searcher.search("sparse", query, vector, 5)
+    _say(
+        f"   {manual['id']}: one document of {len(text):,} characters, {total:,} tokens, "
+        f"indexed as passages of up to {encoder.window_tokens} tokens"
+    )
+    _say(f"   query (words of a paragraph deep inside): {query!r}")
+    for rank, hit in enumerate(hits, 1):
+        passage = hit.passage
+        if hit.id != manual["id"] or passage is None or passage.text is None:
+            _say(f"     {rank}. {hit.score:6.2f}  {hit.id}")
+            continue
+        before = encoder.count_tokens([text[: passage.start]])[0] - 2
+        _say(
+            f"     {rank}. {hit.score:6.2f}  {hit.id}: best passage {passage.ordinal + 1}, "
+            f"characters {passage.start:,}-{passage.end:,}, from token {before:,} of {total:,}"
+        )
+        snippet = " ".join(passage.text.split())
+        at = snippet.find(" ".join(target.split())[:40])
+        _say(f'        "...{snippet[max(0, at - 60) : at + 200]}..."')
+        past = before > 512
+        _say(
+            "        past the first 512 tokens, all that truncation (ELSER's limit) reads"
+            if past
+            else "        (this passage starts within the first 512 tokens)"
+        )
+        return past
+    _say("   the manual was not among the top 5 hits this time")
+    return False
+
+
 async def _run(
     args: argparse.Namespace, kafka: str, es_url: str, model_dir: Any, started: float
 ) -> int:
@@ -168,6 +239,9 @@ async def _run(
         text_fields=["title", "body"],
     )
     documents = list(stdlib_documents(args.documents))
+    paragraphs = list(documents)
+    manuals = manual_documents(paragraphs)
+    documents += manuals
     await create_topic(kafka, topic, 4)
 
     svc = Service(settings)
@@ -192,7 +266,8 @@ async def _run(
         ]
         records[len(records) // 2 : len(records) // 2] = bad
         _say(
-            f"\n== 4. streaming {len(documents)} standard-library doc paragraphs (+{len(bad)} malformed)"
+            f"\n== 4. streaming {len(documents) - len(manuals)} standard-library doc paragraphs, "
+            f"{len(manuals)} whole module manuals (long documents) and {len(bad)} malformed records"
         )
         producer = asyncio.create_task(produce(kafka, topic, records))
         await _wait_done(svc, len(records), t0, "stream")
@@ -203,10 +278,13 @@ async def _run(
             f"   {indexed:.0f} documents indexed in {first_pass:.1f}s ({indexed / first_pass:.0f} docs/s end to end)"
         )
 
-        _say("\n== 5. changes: 5 rewrites, 20 metadata-only updates, 5 deletes")
-        changed = documents[:5]
-        touched = documents[5:25]
-        deleted = documents[25:30]
+        changed = paragraphs[:5]  # (the manuals stay as they are: step 7 searches them)
+        touched = paragraphs[5:25]
+        deleted = paragraphs[25:30]
+        _say(
+            f"\n== 5. changes: {len(changed)} rewrites, {len(touched)} metadata-only updates, "
+            f"{len(deleted)} deletes"
+        )
         updates: list[tuple[bytes | None, bytes | None]] = []
         for d in changed:
             updates.append(
@@ -265,7 +343,10 @@ async def _run(
         if not shown:
             _say("   (no candidate query had a best hit without a shared word this time)")
 
-        _say("\n== 7. metrics summary (also at /metrics)")
+        if manuals:
+            ok = await _long_document_search(svc, manuals[0]) and ok
+
+        _say("\n== 8. metrics summary (also at /metrics)")
         dead = _sum(svc, "sparse_ingest_documents_dead_lettered_total")
         p50 = _quantile(svc, "sparse_ingest_end_to_end_lag_seconds", 0.5)
         p99 = _quantile(svc, "sparse_ingest_end_to_end_lag_seconds", 0.99)

@@ -40,17 +40,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from elasticsearch import AsyncElasticsearch
 
-from service.app import Service, elasticsearch_client, message_contract
+from service.app import Service, elasticsearch_client, long_text_options, message_contract
 from service.config import Settings, load_settings
 from service.elastic import delete_index
 from service.eval_metrics import evaluate
 from service.messages import RecordRef, Upsert, decode_record
-from service.search import Searcher, rrf, sparse_query
+from service.search import Searcher, best_passage_query, rrf, sparse_query
 from service.sink import es_features
 
 log = logging.getLogger(__name__)
 
-LongText = Literal["chunk", "truncate"]
+LongText = Literal["chunk", "truncate", "passages"]
+LONG_TEXT_MODES: tuple[LongText, ...] = ("chunk", "truncate", "passages")
 SparseVector = dict[str, float]
 MODES = ("bm25", "sparse", "hybrid", "sparse_exact", "hybrid_exact")
 DEPTH = 100  # retrieved per query and mode: recall@100, and the RRF depth the Searcher uses
@@ -143,8 +144,9 @@ def subset(
 class Variant:
     name: str
     model_file: str | None = None  # None: the folder's model.onnx (INT8)
-    long_text: LongText = "chunk"
+    long_text: LongText | None = None  # None: the service's default
     prune_below: float = 0.0
+    window_tokens: int | None = None  # None: the service's default; 0: all the model takes
 
 
 def default_variants(fp32_file: str | None, prunes: Sequence[float] = (0.1, 0.3)) -> list[Variant]:
@@ -156,12 +158,22 @@ def default_variants(fp32_file: str | None, prunes: Sequence[float] = (0.1, 0.3)
     return out
 
 
+def long_text_variant(name: str) -> Variant | None:
+    """``int8-<mode>[<window tokens>]`` (``int8-passages256``; ``int8-chunk``: windows of all
+    the model takes), else None."""
+    for mode in LONG_TEXT_MODES:
+        rest = name.removeprefix(f"int8-{mode}")
+        if rest != name and (rest == "" or rest.isdigit()):
+            return Variant(name, long_text=mode, window_tokens=int(rest) if rest else 0)
+    return None
+
+
 class RecordingEncoder:
     """Wraps a :class:`encoder.SparseEncoder`; keeps every document vector the pipeline made."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.vectors: dict[str, SparseVector] = {}  # text -> vector
+        self.vectors: dict[str, list[SparseVector]] = {}  # text -> its vector, or passages'
 
     @property
     def metadata(self) -> Any:
@@ -172,7 +184,13 @@ class RecordingEncoder:
     ) -> list[SparseVector]:
         out: list[SparseVector] = await self.inner.aencode_documents(texts, stats)
         for text, vec in zip(texts, out, strict=True):
-            self.vectors[text] = vec
+            self.vectors[text] = [vec]
+        return out
+
+    async def aencode_passages(self, texts: Sequence[str], stats: Any = None) -> list[Any]:
+        out: list[Any] = await self.inner.aencode_passages(texts, stats)
+        for text, passages in zip(texts, out, strict=True):
+            self.vectors[text] = [p.vector for p in passages]
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -246,8 +264,9 @@ class IndexReport:
     store_bytes: int  # primaries store.size_in_bytes after refresh, flush, force merge to 1
     vector_field_bytes: int | None  # the sparse_vector field's share (_disk_usage), if known
     avg_nonzeros: float  # per document, as written (after pruning)
-    long_docs: int  # documents longer than one model window
-    vectors: dict[str, SparseVector] = field(repr=False)  # doc id -> vector as written
+    long_docs: int  # documents longer than one window
+    passages: int  # vectors written (one a document, or one a passage)
+    vectors: dict[str, list[SparseVector]] = field(repr=False)  # doc id -> vector(s) as written
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -281,7 +300,7 @@ async def index_corpus(
         await svc.stop()
 
     contract = message_contract(settings)
-    vectors: dict[str, SparseVector] = {}
+    vectors: dict[str, list[SparseVector]] = {}
     ref = RecordRef(topic, 0, 0)
     for key, value in records:
         action = decode_record(contract, ref, key, value)
@@ -289,9 +308,9 @@ async def index_corpus(
         vec = recorder.vectors.get(action.text)
         if vec is None:
             raise RuntimeError(f"document {action.doc_id} was not encoded by the pipeline")
-        vectors[action.doc_id] = es_features(vec, variant.prune_below)
-    max_length = encoder.metadata.max_length
-    long_docs = sum(1 for n in encoder.count_tokens(list(recorder.vectors)) if n > max_length)
+        vectors[action.doc_id] = [es_features(v, variant.prune_below) for v in vec]
+    window = encoder.window_tokens + 2  # with [CLS] and [SEP]
+    long_docs = sum(1 for n in encoder.count_tokens(list(recorder.vectors)) if n > window)
 
     es = elasticsearch_client(settings)
     index = settings.es_index
@@ -306,10 +325,15 @@ async def index_corpus(
         stats = await es.indices.stats(index=index, metric="store")
         # keyed by the index behind the alias: take the total
         store = int(stats["_all"]["primaries"]["store"]["size_in_bytes"])
-        field_bytes = await _field_bytes(es, index, settings.es_vector_field)
+        vector_path = (
+            f"{settings.es_passage_field}.{settings.es_vector_field}"
+            if variant_passages(encoder)
+            else settings.es_vector_field
+        )
+        field_bytes = await _field_bytes(es, index, vector_path)
     finally:
         await es.close()
-    nnz = sum(len(v) for v in vectors.values()) / max(1, len(vectors))
+    nnz = sum(len(p) for v in vectors.values() for p in v) / max(1, len(vectors))
     return IndexReport(
         index=index,
         docs=len(data.corpus),
@@ -319,8 +343,13 @@ async def index_corpus(
         vector_field_bytes=field_bytes,
         avg_nonzeros=nnz,
         long_docs=long_docs,
+        passages=sum(len(v) for v in vectors.values()),
         vectors=vectors,
     )
+
+
+def variant_passages(encoder: Any) -> bool:
+    return getattr(encoder, "long_text", "") == "passages"
 
 
 async def _field_bytes(es: AsyncElasticsearch, index: str, field_name: str) -> int | None:
@@ -347,10 +376,20 @@ async def search_all(
     queries: dict[str, str],
     vectors: dict[str, SparseVector],
     *,
+    passages: bool = False,
     concurrency: int = 4,
+    latency: dict[str, list[float]] | None = None,
 ) -> dict[str, dict[str, Ranked]]:
-    """mode -> query id -> [(doc id, score)] (top ``DEPTH``) for every mode of ``MODES``."""
-    searcher = Searcher(es, settings.es_index, settings.es_vector_field, settings.text_fields)
+    """mode -> query id -> [(doc id, score)] (top ``DEPTH``) for every mode of ``MODES``.
+    ``latency``: filled with the seconds of each query, one at a time, as the service sends
+    them (top 10), per mode (bm25, sparse, hybrid)."""
+    searcher = Searcher(
+        es,
+        settings.es_index,
+        settings.es_vector_field,
+        settings.text_fields,
+        passage_field=settings.es_passage_field if passages else None,
+    )
     native = await searcher.native_sparse()
     gate = asyncio.Semaphore(concurrency)
     runs: dict[str, dict[str, Ranked]] = {m: {} for m in MODES}
@@ -358,9 +397,11 @@ async def search_all(
     async def exact(vec: SparseVector) -> Ranked:
         if not vec:
             return []
-        query = sparse_query(settings.es_vector_field, vec, native)
+        query = sparse_query(searcher.vector_path, vec, native)
         if native:
             query["sparse_vector"]["prune"] = False
+        if searcher.passage_field:
+            query = best_passage_query(searcher.passage_field, query, inner_hits=False)
         resp = await es.search(
             index=settings.es_index, query=query, size=DEPTH, source=False, track_total_hits=False
         )
@@ -382,6 +423,13 @@ async def search_all(
         ]
 
     await asyncio.gather(*(one(q, t) for q, t in queries.items()))
+    if latency is not None:
+        for mode in ("bm25", "sparse", "hybrid"):
+            spent = latency.setdefault(mode, [])
+            for qid, text in queries.items():
+                started = time.perf_counter()
+                await searcher.search(mode, text, vectors[qid], 10)
+                spent.append(time.perf_counter() - started)
     return runs
 
 
@@ -482,28 +530,40 @@ def query_as_sent(vec: SparseVector) -> SparseVector:
     return {str(k): float(v) for k, v in q.items()}
 
 
-def brute_force_top(
-    query: SparseVector, index: dict[str, list[tuple[str, float]]], k: int
-) -> Ranked:
-    scores: dict[str, float] = {}
+def best_dot(query: SparseVector, doc: list[SparseVector]) -> float:
+    """A document's score: its best passage's dot product (its one vector's, without)."""
+    return max((dot(query, p) for p in doc), default=0.0)
+
+
+Inverted = dict[str, list[tuple[tuple[str, int], float]]]
+
+
+def brute_force_top(query: SparseVector, index: Inverted, k: int) -> Ranked:
+    """The ``k`` best documents by :func:`best_dot`, over an :func:`inverted` index."""
+    scores: dict[tuple[str, int], float] = {}
     for token, qw in query.items():
-        for doc, w in index.get(token, ()):
-            scores[doc] = scores.get(doc, 0.0) + qw * w
-    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        for key, w in index.get(token, ()):
+            scores[key] = scores.get(key, 0.0) + qw * w
+    best: dict[str, float] = {}
+    for (doc, _), score in scores.items():
+        best[doc] = max(score, best.get(doc, score))
+    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-def inverted(vectors: dict[str, SparseVector]) -> dict[str, list[tuple[str, float]]]:
-    inv: dict[str, list[tuple[str, float]]] = {}
-    for doc, vec in vectors.items():
-        for token, w in vec.items():
-            inv.setdefault(token, []).append((doc, w))
+def inverted(vectors: dict[str, list[SparseVector]]) -> Inverted:
+    """token -> [((doc, passage), weight)]."""
+    inv: Inverted = {}
+    for doc, passages in vectors.items():
+        for i, vec in enumerate(passages):
+            for token, w in vec.items():
+                inv.setdefault(token, []).append(((doc, i), w))
     return inv
 
 
 def check_scores(
     runs: dict[str, dict[str, Ranked]],
     query_vectors: dict[str, SparseVector],
-    doc_vectors: dict[str, SparseVector],
+    doc_vectors: dict[str, list[SparseVector]],
     *,
     sample: int = 50,
     k: int = 10,
@@ -511,13 +571,13 @@ def check_scores(
 ) -> dict[str, Any]:
     """Elasticsearch's ``_score`` of the top ``k`` hits of ``sample`` queries against the
     brute-force dot product of the query vector (as sent) and the documents' vectors (as
-    written): raw, and with the stored weights truncated to 9 significant bits as Lucene does.
-    Also whether the brute-force top ``k`` over the whole corpus is what Elasticsearch returned.
+    written; a document with passages scores as its best): raw, and with the stored weights
+    truncated to 9 significant bits as Lucene does. Also whether the brute-force top ``k`` over the whole corpus is what Elasticsearch returned.
     """
     qids = sorted(query_vectors)
     random.Random(seed).shuffle(qids)
     qids = [q for q in qids if query_vectors[q]][:sample]
-    lucene_docs = {doc: lucene_vector(vec) for doc, vec in doc_vectors.items()}
+    lucene_docs = {doc: [lucene_vector(p) for p in vec] for doc, vec in doc_vectors.items()}
     inv = inverted(doc_vectors)
     inv_lucene = inverted(lucene_docs)
     out: dict[str, Any] = {"queries": len(qids), "k": k}
@@ -528,8 +588,8 @@ def check_scores(
             qv = query_as_sent(query_vectors[q])
             hits = runs[mode][q][:k]
             for doc, score in hits:
-                bf = dot(qv, doc_vectors[doc])
-                bf_l = dot(qv, lucene_docs[doc])
+                bf = best_dot(qv, doc_vectors[doc])
+                bf_l = best_dot(qv, lucene_docs[doc])
                 rel.append(abs(score - bf) / bf if bf else math.inf)
                 rel_lucene.append(abs(score - bf_l) / bf_l if bf_l else math.inf)
             top = brute_force_top(qv, inv, k)
@@ -593,7 +653,7 @@ async def run_eval(
     from encoder import SparseEncoder
 
     stamp = f"{int(time.time())}-{random.Random().randrange(16**6):06x}"
-    encoders: dict[tuple[str | None, str], Any] = {}
+    encoders: dict[tuple[str | None, str | None, int | None], Any] = {}
     report: dict[str, Any] = {
         "dataset": data.name,
         "docs": len(data.corpus),
@@ -603,18 +663,9 @@ async def run_eval(
         "variants": [],
     }
     for i, variant in enumerate(config.variants):
-        key = (variant.model_file, variant.long_text)
-        if key not in encoders:
-            encoders[key] = await asyncio.to_thread(
-                SparseEncoder.load,
-                config.model_dir,
-                long_text=variant.long_text,
-                model_file=variant.model_file,
-            )
-        encoder = encoders[key]
-        report.setdefault("model", encoder.metadata.name)
         name = f"{config.prefix}-{data.name}-{i}-{variant.name}-{stamp}".lower()
         name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        mode = {"long_text": variant.long_text} if variant.long_text else {}  # else the default
         settings = load_settings(
             **{
                 "kafka_bootstrap_servers": config.kafka,
@@ -623,7 +674,8 @@ async def run_eval(
                 "es_url": config.es_url,
                 "es_index": name,
                 "model_dir": config.model_dir,
-                "long_text": variant.long_text,
+                **mode,
+                "window_tokens": variant.window_tokens,
                 "es_prune_below": variant.prune_below,
                 "es_refresh_interval": "30s",
                 "commit_interval_ms": 200,
@@ -631,6 +683,14 @@ async def run_eval(
                 **config.settings,
             }
         )
+        options = long_text_options(settings)  # as the service has them
+        key = (variant.model_file, options["long_text"], options["window_tokens"])
+        if key not in encoders:
+            encoders[key] = await asyncio.to_thread(
+                SparseEncoder.load, config.model_dir, model_file=variant.model_file, **options
+            )
+        encoder = encoders[key]
+        report.setdefault("model", encoder.metadata.name)
         say(f"[{variant.name}] indexing {len(data.corpus)} documents through Kafka -> service")
         indexed = await index_corpus(data, variant, encoder, kafka=config.kafka, settings=settings)
         say(
@@ -643,7 +703,15 @@ async def run_eval(
         )
         es = elasticsearch_client(settings)
         try:
-            runs = await search_all(es, settings, data.queries, qvecs)
+            latency: dict[str, list[float]] = {}
+            runs = await search_all(
+                es,
+                settings,
+                data.queries,
+                qvecs,
+                passages=variant_passages(encoder),
+                latency=latency,
+            )
             if not config.keep_indices:
                 await delete_index(es, name)
         finally:
@@ -659,6 +727,15 @@ async def run_eval(
         report["variants"].append(
             {
                 **asdict(variant),
+                "long_text": encoder.long_text,
+                "window_tokens": encoder.window_tokens,
+                "query_ms": {
+                    mode: {
+                        "p50": 1000 * float(np.percentile(spent, 50)),
+                        "p99": 1000 * float(np.percentile(spent, 99)),
+                    }
+                    for mode, spent in latency.items()
+                },
                 "quantization": encoder.metadata.quantization.label,
                 "index": indexed.summary(),
                 "metrics": metrics,
@@ -698,9 +775,13 @@ def markdown(report: dict[str, Any]) -> str:
         '`"prune": false`. Hybrid = RRF (k=60) of the top 100 sparse and BM25 hits. '
         f"Published nDCG@10: BM25 (BEIR) {ref['bm25_beir']}, ELSER v2 {ref['elser_v2']}.",
         "",
-        "| variant | BM25 | sparse | sparse exact | hybrid | hybrid exact | store MB | vector field MB | non-zeros/doc | index docs/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | BM25 | sparse | sparse exact | hybrid | hybrid exact | store MB | vector field MB | non-zeros/doc | vectors/doc | store bytes/doc | index docs/s | sparse ms p50/p99 | hybrid ms p50/p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ms(v: dict[str, Any], mode: str) -> str:
+        q = v.get("query_ms", {}).get(mode)
+        return f"{q['p50']:.1f} / {q['p99']:.1f}" if q else "n/a"
 
     def cell(m: dict[str, float]) -> str:
         return f"{m['ndcg@10']:.3f} / {m['recall@100']:.3f} / {m['mrr@10']:.3f}"
@@ -710,12 +791,16 @@ def markdown(report: dict[str, Any]) -> str:
         field_mb = (
             "n/a" if ix["vector_field_bytes"] is None else f"{ix['vector_field_bytes'] / 1e6:.1f}"
         )
+        window = f" {v['window_tokens']}" if v.get("window_tokens") else ""
+        per_doc = ix.get("passages", ix["docs"]) / max(1, ix["docs"])
         lines.append(
-            f"| {v['name']} ({v['quantization']}, {v['long_text']}, prune < {v['prune_below']:g}) "
+            f"| {v['name']} ({v['quantization']}, {v['long_text']}{window}, "
+            f"prune < {v['prune_below']:g}) "
             f"| {cell(m['bm25'])} | {cell(m['sparse'])} | {cell(m['sparse_exact'])} "
             f"| {cell(m['hybrid'])} | {cell(m['hybrid_exact'])} "
             f"| {ix['store_bytes'] / 1e6:.1f} | {field_mb} | {ix['avg_nonzeros']:.0f} "
-            f"| {ix['docs_per_s']:.0f} |"
+            f"| {per_doc:.2f} | {ix['store_bytes'] / max(1, ix['docs']):,.0f} "
+            f"| {ix['docs_per_s']:.0f} | {ms(v, 'sparse')} | {ms(v, 'hybrid')} |"
         )
     beir = report.get("bm25_beir_setup")
     if beir:
@@ -781,8 +866,16 @@ def plot_quality(report: dict[str, Any], path: Path) -> bool:
         fontsize=10,
     )
     ax.legend(fontsize=7, ncol=4, loc="upper left")
-    # pruning compared on the default variant (INT8, chunked): one point per threshold
-    pruned = [v for v in variants if v["model_file"] is None and v["long_text"] == "chunk"]
+    # pruning compared on the first variant's model file and long-text handling (the default):
+    # one point per threshold
+    first = variants[0]
+    pruned = [
+        v
+        for v in variants
+        if v["model_file"] is None
+        and (v["long_text"], v.get("window_tokens"))
+        == (first["long_text"], first.get("window_tokens"))
+    ]
     pruned = pruned or variants
     for v in pruned:
         ix = v["index"]
@@ -799,7 +892,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> bool:
     field_known = all(v["index"]["vector_field_bytes"] for v in pruned)
     ax2.set_xlabel(("sparse_vector field" if field_known else "index store") + " size, MB")
     ax2.set_ylabel("sparse exact nDCG@10")
-    ax2.set_title("Index-time pruning (INT8, chunked)", fontsize=10)
+    ax2.set_title(f"Index-time pruning (INT8, {first['long_text']})", fontsize=10)
     ax2.grid(True, alpha=0.3)
     ys2 = [v["metrics"]["sparse_exact"]["ndcg@10"] for v in pruned]
     ax2.set_ylim(min(ys2) - 0.02, max(ys2) + 0.02)
@@ -828,8 +921,9 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--out", default="results", help="folder for JSON, markdown and PNG")
     p.add_argument(
         "--variants",
-        help="comma-separated subset of: int8, fp32, int8-truncate, int8-prune<X> "
-        "(default: all, with --prune)",
+        help="comma-separated subset of: int8 (the service's default), fp32, int8-truncate, "
+        "int8-prune<X>, int8-<chunk|truncate|passages>[<window tokens>] "
+        "(default: int8, fp32, int8-truncate and the --prune ones)",
     )
     p.add_argument("--prune", default="0.1,0.3", help="index-time pruning thresholds to compare")
     p.add_argument(
@@ -854,6 +948,10 @@ def select_variants(
     if wanted is None:
         return variants
     by_name = {v.name: v for v in variants}
+    for n in wanted:
+        extra = long_text_variant(n)
+        if extra is not None and n not in by_name:
+            by_name[n] = extra
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise SystemExit(

@@ -237,6 +237,6 @@ class HttpApi:
             {
                 "mode": mode,
                 "took_ms": round((time.perf_counter() - start) * 1000, 2),
-                "hits": [{"id": h.id, "score": h.score, "source": h.source} for h in hits],
+                "hits": [h.as_dict() for h in hits],
             }
         )

@@ -17,10 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import orjson
 import xxhash
+
+if TYPE_CHECKING:
+    from encoder.passages import Passage
 
 # Elasticsearch's limits: _id is at most 512 bytes; external versions are non-negative longs.
 MAX_ID_BYTES = 512
@@ -59,6 +62,7 @@ class Upsert:
     source: dict[str, Any]
     content_hash: str = ""
     vector: dict[str, float] | None = None
+    passages: list[Passage] | None = None  # long_text=passages: instead of vector
 
 
 @dataclass(slots=True)
@@ -347,7 +351,9 @@ def _upsert(
     version: int,
     in_row: bool = False,
 ) -> Upsert:
-    clash = contract.reserved_fields().intersection(row)
+    reserved = contract.reserved_fields()
+    # a dotted key is a path to Elasticsearch ({"passages.tokens": ...} writes passages.tokens)
+    clash = {k for k in row if k in reserved or k.split(".", 1)[0] in reserved}
     if clash:
         raise BadRecord("reserved_field", f"field(s) {sorted(clash)} are written by the service")
     parts: list[str] = []
@@ -501,6 +507,20 @@ def decode_record(
         headers,
     )
     return _upsert(contract, ref, doc, doc_id, version)
+
+
+def indexed_text(source: Mapping[str, Any], text_fields: Sequence[str]) -> str | None:
+    """The text a stored document was encoded from, rebuilt from its ``_source`` as
+    :func:`decode_record` built it (its text fields with content, joined by spaces; a change
+    event's row names ``after.title`` as ``title``). None when no field gives text."""
+    parts = []
+    for name in text_fields:
+        text = get_path(source, name)
+        if text is _MISSING and name != _in_row(name):
+            text = get_path(source, _in_row(name))
+        if isinstance(text, str) and _has_content(text):
+            parts.append(text)
+    return " ".join(parts) if parts else None
 
 
 def vector_fingerprint(model_name: str, encoder_fingerprint: str, prune_below: float) -> str:

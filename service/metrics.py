@@ -107,6 +107,13 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+        self.document_passages = Histogram(
+            f"{PREFIX}_document_passages",
+            "passages per document encoded (SPARSE_INGEST_LONG_TEXT=passages); each is a nested "
+            "Lucene document in the index",
+            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             f"{PREFIX}_consumer_lag_records",
             "high watermark minus committed offset, per partition",

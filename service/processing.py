@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from aiokafka import TopicPartition
@@ -32,7 +32,7 @@ from service.messages import (
 )
 from service.metrics import Metrics
 from service.record_guard import unreadable
-from service.sink import ElasticsearchSink, SinkUnavailable
+from service.sink import ElasticsearchSink, SinkUnavailable, Stored
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class Encoder(Protocol):
     async def aencode_documents(
         self, texts: Sequence[str], stats: Any = None
     ) -> list[dict[str, float]]: ...
+
+    async def aencode_passages(self, texts: Sequence[str], stats: Any = None) -> list[Any]:
+        """Per text its passages (``encoder.Passage``); used when the sink writes passages."""
+        ...
 
 
 class StaleLog:
@@ -149,6 +153,10 @@ class BatchProcessor:
             model_name, str(getattr(encoder, "fingerprint", "")), sink.config.prune_below
         )
         sink.fingerprint = self.fingerprint
+        self.passages = sink.config.passage_field is not None
+        if sink.config.passage_field:  # a document's own field of that name would be lost
+            contract = replace(contract, reserved=contract.reserved | {sink.config.passage_field})
+            self.contract = contract
         self.skip_unchanged = skip_unchanged
         self.unavailable_backoff_s = unavailable_backoff_s
         self.max_unavailable_backoff_s = max_unavailable_backoff_s
@@ -342,7 +350,7 @@ class BatchProcessor:
         upserts = [a for a in newest if isinstance(a, Upsert)]
         for up in upserts:
             up.content_hash = content_hash(self.fingerprint, up.text)
-        stored: dict[str, tuple[str, dict[str, float]]] = {}
+        stored: dict[str, Stored] = {}
         if self.skip_unchanged and upserts:
             try:
                 stored = await self.sink.lookup([u.doc_id for u in upserts])
@@ -350,8 +358,8 @@ class BatchProcessor:
                 log.warning("content-hash look-up failed, encoding all: %s", exc)
         for up in upserts:
             hit = stored.get(up.doc_id)
-            if hit is not None and hit[0] == up.content_hash:
-                up.vector = hit[1]
+            if hit is not None and hit.content_hash == up.content_hash:
+                up.vector, up.passages = hit.vector, hit.passages
                 self.metrics.documents_unchanged.inc()
             else:
                 batch.to_encode.append(up)
@@ -362,9 +370,10 @@ class BatchProcessor:
             return
         texts = [u.text for u in batch.to_encode]
         stats = self._stats_factory() if self._stats_factory else None
+        encode = self._encode_passages if self.passages else self._encode_vectors
         start = time.perf_counter()
         try:
-            vectors = await self.encoder.aencode_documents(texts, stats)
+            await encode(batch.to_encode, texts, stats)
         except Exception as exc:
             log.error(
                 "encoding a batch of %d failed (%s); encoding one by one",
@@ -372,16 +381,12 @@ class BatchProcessor:
                 type(exc).__name__,
                 exc_info=_Frames(exc),
             )
-            vectors = []
             for up in batch.to_encode:
                 try:
-                    vectors.append((await self.encoder.aencode_documents([up.text]))[0])
+                    await encode([up], [up.text], None)
                 except Exception as one_exc:
-                    vectors.append({})
                     self.reject(batch, up, "encoder_error", f"{type(one_exc).__name__}: {one_exc}")
         elapsed = time.perf_counter() - start
-        for up, vec in zip(batch.to_encode, vectors, strict=True):
-            up.vector = vec
         self.metrics.stage_seconds.labels("encode").observe(elapsed)
         self.metrics.encoder_busy_seconds.inc(elapsed)
         self.metrics.batch_documents.observe(len(texts))
@@ -393,6 +398,17 @@ class BatchProcessor:
             self.metrics.batch_tokens.observe(stats.tokens)
             if elapsed > 0:
                 self.metrics.encoder_tokens_per_second.set(stats.tokens / elapsed)
+
+    async def _encode_vectors(self, upserts: list[Upsert], texts: list[str], stats: Any) -> None:
+        vectors = await self.encoder.aencode_documents(texts, stats)
+        for up, vec in zip(upserts, vectors, strict=True):
+            up.vector = vec
+
+    async def _encode_passages(self, upserts: list[Upsert], texts: list[str], stats: Any) -> None:
+        passages = await self.encoder.aencode_passages(texts, stats)
+        for up, found in zip(upserts, passages, strict=True):
+            up.passages = found
+            self.metrics.document_passages.observe(len(found))
 
     def reject(self, batch: Batch, action: Action, reason: str, detail: str) -> None:
         key, value, headers = batch.raw.get(action.ref, (None, None, []))

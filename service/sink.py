@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elastic_transport import ConnectionError as EsConnectionError
 from elastic_transport import SerializationError, TlsError, TransportError
@@ -24,6 +24,9 @@ from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError
 from elasticsearch.helpers import async_streaming_bulk
 
 from service.messages import META_FIELD, Action, Delete, Upsert
+
+if TYPE_CHECKING:
+    from encoder.passages import Passage
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +84,40 @@ class IndexConfig:
     number_of_replicas: int = 0
     refresh_interval: str = "1s"
     prune_below: float = 0.0
+    # long_text=passages: the nested field of passages, each {start, end, <vector_field>}
+    # (README: Long documents); None: one vector per document in vector_field
+    passage_field: str | None = None
+
+    @property
+    def vector_path(self) -> str:
+        """The ``sparse_vector`` field queries name: ``tokens`` or ``passages.tokens``."""
+        if self.passage_field:
+            return f"{self.passage_field}.{self.vector_field}"
+        return self.vector_field
+
+    def passage_mapping(self) -> dict[str, Any]:
+        """The nested field of passages: a vector and the characters of the document's text
+        it covers (offsets are returned, never searched: doc values only)."""
+        offset = {"type": "integer", "index": False}
+        return {
+            "type": "nested",
+            "properties": {
+                self.vector_field: {"type": "sparse_vector"},
+                "start": offset,
+                "end": offset,
+            },
+        }
 
     def body(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Settings and mappings of a new index; ``meta``: the mapping's ``_meta.sparse_ingest``
         (which model wrote the index: the service checks it at start)."""
+        vector: dict[str, Any] = (
+            {self.passage_field: self.passage_mapping()}
+            if self.passage_field
+            else {self.vector_field: {"type": "sparse_vector"}}
+        )
         properties: dict[str, Any] = {
-            self.vector_field: {"type": "sparse_vector"},
+            **vector,
             META_FIELD: {
                 "properties": {
                     "content_hash": {"type": "keyword", "index": False},
@@ -111,6 +142,33 @@ class IndexConfig:
             "mappings": {"properties": properties}
             | ({"_meta": {META_FIELD: meta}} if meta else {}),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What :meth:`ElasticsearchSink.lookup` found of a stored document: the hash of the text
+    its vectors come from, and the vector (one per document) or the passages."""
+
+    content_hash: str
+    vector: dict[str, float] | None
+    passages: list[Passage] | None
+
+
+def _stored_passages(raw: object, vector_field: str) -> list[Passage] | None:
+    """The passages of a stored document's ``_source`` (None when not well-formed)."""
+    from encoder.passages import Passage
+
+    if not isinstance(raw, list) or not raw:
+        return None
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            return None
+        start, end, vector = item.get("start"), item.get("end"), item.get(vector_field)
+        if not (isinstance(start, int) and isinstance(end, int) and isinstance(vector, dict)):
+            return None
+        out.append(Passage(start, end, vector))
+    return out
 
 
 @dataclass(slots=True)
@@ -171,6 +229,9 @@ class ElasticsearchSink:
         self.config = config
         self.model_name = model_name
         self.fingerprint = ""  # messages.vector_fingerprint, set by the BatchProcessor
+        # how long texts become vectors ("passages of 510 tokens, overlap 64"): in the index's
+        # _meta, and named when an index made another way is refused
+        self.long_text = ""
         self._bulk_options = {
             "chunk_size": chunk_size,
             "max_chunk_bytes": max_chunk_bytes,
@@ -217,9 +278,13 @@ class ElasticsearchSink:
         if not self._meta_model(body):
             await self._check_documents_model(target)
         if self._vector_unmapped(target, body):  # an index made by hand: add the field
-            await self.client.indices.put_mapping(
-                index=target, properties={self.config.vector_field: {"type": "sparse_vector"}}
+            field_name = self.config.passage_field or self.config.vector_field
+            mapping = (
+                self.config.passage_mapping()
+                if self.config.passage_field
+                else {"type": "sparse_vector"}
             )
+            await self.client.indices.put_mapping(index=target, properties={field_name: mapping})
         self.target = target
         return target
 
@@ -270,11 +335,26 @@ class ElasticsearchSink:
             "alias": alias,
             "model": self.model_name,
             "model_fingerprint": self.fingerprint,
+            "long_text": self.long_text,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
 
     def _vector_unmapped(self, index: str, body: dict[str, Any]) -> bool:
         props = body.get("mappings", {}).get("properties", {})
+        passages = self.config.passage_field
+        if passages:
+            mapped = props.get(passages, {})
+            kind = mapped.get("type", "object" if "properties" in mapped else None)
+            inner = mapped.get("properties", {}).get(self.config.vector_field, {}).get("type")
+            if kind is not None and (kind != "nested" or inner != "sparse_vector"):
+                raise ValueError(
+                    f"index {index!r} maps field {passages!r} as {kind!r}"
+                    f"{'' if kind != 'nested' else f' whose {self.config.vector_field!r} is {inner!r}'}"
+                    f", not as passages (nested, with a sparse_vector {self.config.vector_field!r}): "
+                    "this index was not made for SPARSE_INGEST_LONG_TEXT=passages; reindex "
+                    "(`sparse-ingest reindex`), or choose another SPARSE_INGEST_ES_PASSAGE_FIELD"
+                )
+            return kind is None
         kind = props.get(self.config.vector_field, {}).get("type")
         if kind not in (None, "sparse_vector"):
             raise ValueError(
@@ -307,13 +387,19 @@ class ElasticsearchSink:
         meta = self._meta_model(body)
         stored = meta.get("model_fingerprint")
         if stored and self.fingerprint and stored != self.fingerprint:
+            made = meta.get("long_text") or (
+                "not recorded (an earlier release: `chunk` unless SPARSE_INGEST_LONG_TEXT said "
+                "otherwise)"
+            )
             raise ModelMismatchError(
                 f"index {index!r} holds the vectors of model {meta.get('model')!r} (vector "
-                f"fingerprint {stored}); this process makes other vectors: model "
-                f"{self.model_name!r}, fingerprint {self.fingerprint} (its files, long-text mode "
-                "and SPARSE_INGEST_ES_PRUNE_BELOW count). One index never mixes two models' "
-                "vectors: to change them run `sparse-ingest reindex --model DIR` (README: "
-                "Changing the model); to keep the index, set the model and settings back"
+                f"fingerprint {stored}; long texts: {made}); this process makes other vectors: "
+                f"model {self.model_name!r}, fingerprint {self.fingerprint} (long texts: "
+                f"{self.long_text or 'unknown'}; the model's files, SPARSE_INGEST_LONG_TEXT, "
+                "SPARSE_INGEST_WINDOW_TOKENS / _OVERLAP and SPARSE_INGEST_ES_PRUNE_BELOW count). "
+                "One index never mixes two models' vectors: to change them run `sparse-ingest "
+                "reindex --model DIR` (README: Changing the model); to keep the index, set the "
+                "model and settings back"
             )
 
     async def reachable(self, within_s: float = 2.0) -> bool:
@@ -326,26 +412,39 @@ class ElasticsearchSink:
             return False
         return True
 
-    async def lookup(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, float]]]:
-        """Content hash and vector of the stored documents with these ids (those that exist)."""
+    async def lookup(self, ids: Sequence[str]) -> dict[str, Stored]:
+        """Content hash and vector(s) of the stored documents with these ids (those that
+        exist and hold what this mode writes)."""
         if not ids:
             return {}
+        passages = self.config.passage_field
         # Elasticsearch 9 leaves vectors out of _source unless named in _source_includes (its
         # _source_exclude_vectors is unknown to 8.x). mget is real-time (no refresh needed).
         resp = await self.client.mget(
             index=self.target,
             ids=list(ids),
-            source_includes=[f"{META_FIELD}.content_hash", self.config.vector_field],
+            source_includes=[
+                f"{META_FIELD}.content_hash",
+                self.config.vector_path,
+                *((f"{passages}.start", f"{passages}.end") if passages else ()),
+            ],
         )
-        found: dict[str, tuple[str, dict[str, float]]] = {}
+        found: dict[str, Stored] = {}
         for doc in resp.body.get("docs", []):
             if not doc.get("found"):
                 continue
             src = doc.get("_source", {})
             digest = src.get(META_FIELD, {}).get("content_hash")
+            if not digest:
+                continue
+            if passages:
+                stored = _stored_passages(src.get(passages), self.config.vector_field)
+                if stored is not None:
+                    found[doc["_id"]] = Stored(digest, None, stored)
+                continue
             vector = src.get(self.config.vector_field)
-            if digest and isinstance(vector, dict):
-                found[doc["_id"]] = (digest, vector)
+            if isinstance(vector, dict):
+                found[doc["_id"]] = Stored(digest, vector, None)
         return found
 
     def _bulk_action(self, action: Action, now: str) -> dict[str, Any]:
@@ -360,9 +459,21 @@ class ElasticsearchSink:
         if isinstance(action, Delete):
             head["_op_type"] = "delete"
             return head
-        assert action.vector is not None, "upsert written before it was encoded"
         source = dict(action.source)
-        source[self.config.vector_field] = es_features(action.vector, self.config.prune_below)
+        prune = self.config.prune_below
+        if self.config.passage_field:
+            assert action.passages is not None, "upsert written before it was encoded"
+            source[self.config.passage_field] = [
+                {
+                    "start": p.start,
+                    "end": p.end,
+                    self.config.vector_field: es_features(p.vector, prune),
+                }
+                for p in action.passages
+            ]
+        else:
+            assert action.vector is not None, "upsert written before it was encoded"
+            source[self.config.vector_field] = es_features(action.vector, prune)
         source[META_FIELD] = {
             "content_hash": action.content_hash,
             "model": self.model_name,
@@ -546,7 +657,8 @@ def _size_estimate(action: Action) -> int:
     """About the bytes of an upsert in a bulk body (text + source + vector), cheaply."""
     if isinstance(action, Delete):
         return 64
-    return 2 * len(action.text) + 24 * len(action.vector or ()) + 256
+    features = len(action.vector or ()) + sum(len(p.vector) + 2 for p in action.passages or ())
+    return 2 * len(action.text) + 24 * features + 256
 
 
 def _request_error(info: dict[str, Any]) -> str:

@@ -231,10 +231,23 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def default_encoder(default_model_dir: Path) -> Any:
-    """One warmed INT8 encoder shared by the tests that run the service."""
+    """One warmed INT8 encoder shared by the tests that run the service, as the service's
+    default settings load it (long texts as passages of 256 tokens)."""
+    from encoder import SparseEncoder
+    from service.app import long_text_options
+    from service.config import load_settings
+
+    options = long_text_options(load_settings(model_dir=default_model_dir))
+    return SparseEncoder.load(default_model_dir, **options)
+
+
+@pytest.fixture(scope="session")
+def chunk_encoder(default_model_dir: Path) -> Any:
+    """The default model with long texts max-merged into one vector (``LONG_TEXT=chunk``,
+    the default of earlier releases)."""
     from encoder import SparseEncoder
 
-    return SparseEncoder.load(default_model_dir)
+    return SparseEncoder.load(default_model_dir, long_text="chunk")
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,26 @@ async def running_service(settings: Settings, encoder: Any) -> AsyncIterator[Ser
         await service.stop()
 
 
+# What to name in source_includes for a document's vectors (Elasticsearch 9 returns vectors only
+# when named): one vector a document, or passages.
+VECTOR_SOURCE = ["tokens", "passages.tokens", "passages.start", "passages.end"]
+
+
+def stored_vector(source: dict[str, Any]) -> dict[str, float] | None:
+    """A stored document's vector: its ``tokens``, or with passages their element-wise max
+    (a short document's one passage). None when it has neither."""
+    if isinstance(source.get("tokens"), dict):
+        return dict(source["tokens"])
+    passages = source.get("passages")
+    if not isinstance(passages, list) or not passages:
+        return None
+    merged: dict[str, float] = {}
+    for passage in passages:
+        for token, weight in (passage.get("tokens") or {}).items():
+            merged[token] = max(weight, merged.get(token, 0.0))
+    return merged
+
+
 def cosine(a: dict[str, float], b: dict[str, float]) -> float:
     dot = sum(w * b.get(k, 0.0) for k, w in a.items())
     na = sum(w * w for w in a.values()) ** 0.5

@@ -101,9 +101,12 @@ def test_lucene_feature_keeps_nine_significant_bits() -> None:
 
 
 def test_brute_force_and_score_check() -> None:
-    docs = {"a": {"x": 1.0, "y": 0.5}, "b": {"y": 2.0}, "c": {"z": 1.0}}
+    docs = {"a": [{"x": 1.0, "y": 0.5}], "b": [{"y": 2.0}], "c": [{"z": 1.0}]}
     query = {"x": 1.0, "y": 1.0}
     assert brute_force_top(query, inverted(docs), 2) == [("b", 2.0), ("a", 1.5)]
+    # passages: a document scores as its best passage, not the sum or the max-merge
+    passages = {"a": [{"x": 1.0}, {"y": 1.2}], "b": [{"x": 0.9, "y": 0.9}]}
+    assert brute_force_top(query, inverted(passages), 2) == [("b", 1.8), ("a", 1.2)]
     runs = {
         "sparse_exact": {"q": [("b", lucene_feature(2.0)), ("a", lucene_feature(1.5))]},
         "sparse": {"q": [("b", 2.0)]},
@@ -147,6 +150,10 @@ def test_load_and_subset(tmp_path: Path) -> None:
         "int8-prune0.1",
     ]
     assert select_variants(None, [], "int8-prune0.5")[0].prune_below == 0.5
+    chosen = select_variants(None, [], "int8-passages256,int8-chunk")
+    assert [(v.long_text, v.window_tokens) for v in chosen] == [("passages", 256), ("chunk", 0)]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        select_variants(None, [], "int8-passagesX")
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -194,4 +201,8 @@ async def test_eval_on_scifact_subset(
         assert v["index"]["docs"] == len(data.corpus)
         assert v["index"]["store_bytes"] > 0
     assert pruned["index"]["avg_nonzeros"] < full["index"]["avg_nonzeros"]
+    # the default: passages of 256 tokens, each document scored by its best (brute force above)
+    assert (full["long_text"], full["window_tokens"]) == ("passages", 256)
+    assert full["index"]["passages"] > full["index"]["docs"]  # long abstracts: 2+ passages
+    assert set(full["query_ms"]) == {"bm25", "sparse", "hybrid"}
     assert "| int8-prune0.3 " in markdown(report)

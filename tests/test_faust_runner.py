@@ -22,6 +22,7 @@ from service_support import (
     wait_until,
 )
 
+from service.search import best_passage_query, sparse_query
 from service.sink import IndexConfig
 
 pytestmark = pytest.mark.integration
@@ -82,14 +83,10 @@ async def test_faust_worker_indexes_updates_deletes_and_dead_letters(
         assert [r.value for r in letters] == [b"{not json"]
         assert dict(letters[0].headers)["error.reason"] == b"invalid_json"
         # Same vectors as the in-process service would write: the sparse field is searchable.
+        vector = {"desert": 1.0, "deserts": 1.0}
         resp = await es.search(
             index=index_name,
-            query={
-                "sparse_vector": {
-                    "field": "tokens",
-                    "query_vector": {"desert": 1.0, "deserts": 1.0},
-                }
-            },
+            query=best_passage_query("passages", sparse_query("passages.tokens", vector, True)),
             size=1,
         )
         assert resp["hits"]["hits"][0]["_id"] == "f1"

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 
 
 class PoisonedEncoder:
-    """The real encoder, except that a text containing BOOM gets a vector orjson cannot write."""
+    """The real encoder, except that a text containing BOOM gets a vector orjson cannot write
+    (one vector a document, or its passages')."""
 
     def __init__(self, encoder: Any) -> None:
         self._encoder = encoder
@@ -38,6 +39,17 @@ class PoisonedEncoder:
         return [
             {**v, 7: 1.0} if "BOOM" in text else v  # an int key: not serializable
             for text, v in zip(texts, vectors, strict=True)
+        ]
+
+    async def aencode_passages(self, texts: Sequence[str], *args: Any, **kw: Any) -> Any:
+        from encoder import Passage
+
+        found = await self._encoder.aencode_passages(texts, *args, **kw)
+        return [
+            [Passage(p.start, p.end, {**p.vector, 7: 1.0}) for p in passages]
+            if "BOOM" in text
+            else passages
+            for text, passages in zip(texts, found, strict=True)
         ]
 
 

@@ -23,20 +23,24 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from elasticsearch import AsyncElasticsearch
 from service_support import (
+    VECTOR_SOURCE,
     cosine,
     create_topic,
     doc,
     produce,
     running_service,
     service_settings,
+    stored_vector,
     tombstone,
     wait_all_committed,
     wait_until,
 )
 
-from service.app import StartupError
+from service.app import StartupError, long_text_options
+from service.config import load_settings
 from service.messages import META_FIELD, vector_fingerprint
 from service.reindex import Progress, ReindexError, alias_state, reindex, retire
+from service.search import best_passage_query
 from service.sink import IndexConfig, versioned_index
 
 
@@ -53,9 +57,12 @@ def model_b_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Pat
 
 @pytest.fixture(scope="module")
 def encoder_b(model_b_dir: Path) -> Any:
+    """Model B as the service's settings load it (what `reindex` loads)."""
     from encoder import SparseEncoder
 
-    return SparseEncoder.load(model_b_dir)
+    return SparseEncoder.load(
+        model_b_dir, **long_text_options(load_settings(model_dir=model_b_dir))
+    )
 
 
 def fingerprint(encoder: Any) -> str:
@@ -67,7 +74,7 @@ async def all_docs(es: AsyncElasticsearch, index: str) -> dict[str, dict[str, An
     resp = await es.search(
         index=index,
         size=10_000,
-        source_includes=["body", f"{META_FIELD}.model_fingerprint", "tokens"],
+        source_includes=["body", f"{META_FIELD}.model_fingerprint", *VECTOR_SOURCE],
     )
     return {h["_id"]: h["_source"] for h in resp["hits"]["hits"]}
 
@@ -128,7 +135,11 @@ async def test_reindex_with_a_new_model_while_updates_go_on(
                     resp = await es.search(
                         index=alias,
                         size=50,
-                        query={"sparse_vector": {"field": "tokens", "query_vector": vector}},
+                        query=best_passage_query(
+                            "passages",
+                            {"sparse_vector": {"field": "passages.tokens", "query_vector": vector}},
+                            inner_hits=False,
+                        ),
                         source_includes=[f"{META_FIELD}.model_fingerprint"],
                     )
                     searches.append(
@@ -215,7 +226,7 @@ async def test_reindex_with_a_new_model_while_updates_go_on(
     vectors_b = encoder_b.encode_documents([alive[k] for k in sample])
     vectors_a = default_encoder.encode_documents([alive[k] for k in sample])
     for key, vb, va in zip(sample, vectors_b, vectors_a, strict=True):
-        stored = docs[key]["tokens"]
+        stored = stored_vector(docs[key]) or {}
         assert cosine(stored, vb) > 0.9999, key
         assert cosine(stored, va) < cosine(stored, vb), key
     assert searches and all(len(fps) <= 1 for fps in searches), "a search mixed two indices"

@@ -21,12 +21,14 @@ from service_support import (
     read_topic,
     running_service,
     service_settings,
+    stored_vector,
     tombstone,
     wait_all_committed,
 )
 
 from service.app import Service, StartupError
 from service.messages import META_FIELD
+from service.search import best_passage_query, sparse_query
 
 pytestmark = pytest.mark.integration
 
@@ -105,21 +107,15 @@ async def test_stream_with_updates_and_deletes_ends_in_the_right_state(
         assert got["body"] == texts[doc_id]
         # INT8 activations are quantized per inference call (the batch changes the scales) and
         # Elasticsearch keeps 9 bits of each weight: 0.989 measured for one document here
-        assert cosine(got["tokens"], vec) > 0.98, doc_id
+        assert cosine(stored_vector(got) or {}, vec) > 0.98, doc_id
+        assert len(got["passages"]) == 1  # short texts: one passage
         assert got[META_FIELD]["model"] == default_encoder.metadata.name
 
     # Searching with a document's own vector ranks it first, scored as the dot product.
-    target = stored["d7"]["tokens"]
+    target = stored_vector(stored["d7"]) or {}
+    terms = sparse_query("passages.tokens", target, native=False)
     resp = await es.search(
-        index=index_name,
-        size=3,
-        query={
-            "bool": {
-                "should": [
-                    {"term": {"tokens": {"value": t, "boost": w}}} for t, w in target.items()
-                ]
-            }
-        },
+        index=index_name, size=3, query=best_passage_query("passages", terms, inner_hits=False)
     )
     top = resp["hits"]["hits"][0]
     assert top["_id"] == "d7"
@@ -347,8 +343,9 @@ async def test_unchanged_text_is_not_encoded_again(
     for i in range(10):
         assert after[f"u{i}"]["views"] == i + 1
         if i != 3:
-            assert after[f"u{i}"]["tokens"] == before[f"u{i}"]["tokens"]
-    assert "volcano" in after["u3"]["tokens"] or "volcanoes" in after["u3"]["tokens"]
+            assert after[f"u{i}"]["passages"] == before[f"u{i}"]["passages"]
+    changed = stored_vector(after["u3"]) or {}
+    assert "volcano" in changed or "volcanoes" in changed
 
 
 async def test_http_api(
@@ -424,7 +421,7 @@ async def test_http_api(
                     if mode != "bm25":
                         assert body["hits"][0]["id"] == "cat", (mode, body)
                     for hit in body["hits"]:
-                        assert "tokens" not in hit["source"]
+                        assert "tokens" not in hit["source"] and "passages" not in hit["source"]
             errors = [
                 ({"query": ""}, 400),
                 ({"query": "x", "mode": "magic"}, 400),

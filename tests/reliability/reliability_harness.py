@@ -39,6 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from elasticsearch import AsyncElasticsearch
 from elasticsearch.helpers import async_scan
+from service_support import stored_vector
 
 from service.messages import META_FIELD
 from service.sink import IndexConfig
@@ -637,8 +638,9 @@ def check_index(expected: Expected, stored: dict[str, dict[str, Any]], check: Ch
             check.stale.append(f"{doc_id}: v{got['_version']} < v{version}")
             continue
         meta = got.get(META_FIELD, {})
-        source = {k: v for k, v in got.items() if k not in ("_version", "tokens", META_FIELD)}
-        tokens = got.get("tokens")
+        written = ("_version", "tokens", "passages", META_FIELD)
+        source = {k: v for k, v in got.items() if k not in written}
+        tokens = stored_vector(got)
         if got["_version"] != version:
             check.wrong.append(f"{doc_id}: v{got['_version']} != v{version}")
         elif source != value:
