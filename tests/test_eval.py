@@ -13,6 +13,7 @@ import pytest
 
 from service.eval import (
     FEATURE_REL_PRECISION,
+    REFERENCE_NDCG,
     BeirData,
     EvalConfig,
     Variant,
@@ -174,6 +175,7 @@ async def test_eval_on_scifact_subset(
 ) -> None:
     data = _scifact_subset(30, 250)
     assert len(data.queries) == 30
+    data.corpus["empty-doc"] = ("", "   ")  # no text: dead-lettered, counted, not a crash
     config = EvalConfig(
         kafka_bootstrap,
         es_url,
@@ -201,6 +203,11 @@ async def test_eval_on_scifact_subset(
         assert v["index"]["docs"] == len(data.corpus)
         assert v["index"]["store_bytes"] > 0
     assert pruned["index"]["avg_nonzeros"] < full["index"]["avg_nonzeros"]
+    assert full["index"]["skipped_docs"] == 1
+    assert report["reference_ndcg@10"] == REFERENCE_NDCG["scifact"]
+    assert "Published nDCG@10" in markdown(report)
+    other = {**report, "dataset": "nfcorpus", "reference_ndcg@10": {}}
+    assert "Published" not in markdown(other)  # another dataset: SciFact's anchors are not its
     # the default: passages of 256 tokens, each document scored by its best (brute force above)
     assert (full["long_text"], full["window_tokens"]) == ("passages", 256)
     assert full["index"]["passages"] > full["index"]["docs"]  # long abstracts: 2+ passages
