@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -59,7 +60,7 @@ def default_max_batch_tokens(meta: ModelMetadata) -> int:
 
 
 SparseVector = dict[str, float]
-_EncodeFn = Callable[[list[str], "EncodeStats | None"], list[SparseVector]]
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -349,13 +350,7 @@ class SparseEncoder:
         self, texts: Sequence[str], stats: EncodeStats | None = None
     ) -> list[list[Passage]]:
         """:meth:`encode_passages` off the event loop (the document thread)."""
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-encoder")
-            executor = self._executor
-        return await asyncio.get_running_loop().run_in_executor(
-            executor, self.encode_passages, list(texts), stats
-        )
+        return await self._off_loop(self.encode_passages, list(texts), stats)
 
     def encode_documents_chunks(
         self, texts: Sequence[str], stats: EncodeStats | None = None
@@ -426,8 +421,13 @@ class SparseEncoder:
     # ---------------------------------------------------------------------------- internals
 
     async def _off_loop(
-        self, fn: _EncodeFn, texts: list[str], stats: EncodeStats | None, *, query: bool = False
-    ) -> list[SparseVector]:
+        self,
+        fn: Callable[[list[str], EncodeStats | None], _R],
+        texts: list[str],
+        stats: EncodeStats | None,
+        *,
+        query: bool = False,
+    ) -> _R:
         # Documents and queries on threads of their own: a query never queues behind a
         # document call, only (at the session gate) behind the inference call in progress.
         with self._executor_lock:
