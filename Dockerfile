@@ -32,7 +32,8 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 
 # Dependencies first (a layer that changes only with pyproject.toml), then the project's wheel
-# (the README, which changes often, only for the wheel's metadata).
+# (the README, which changes often, only for the wheel's metadata). The wheel is the product
+# only (service/, encoder/): deploy/ and tooling/ are developer tooling, not copied.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
@@ -41,7 +42,6 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY service/ service/
 COPY encoder/ encoder/
-COPY deploy/ deploy/
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
     && /opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl \
     && /opt/venv/bin/sparse-ingest --help > /dev/null

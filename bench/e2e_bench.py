@@ -23,7 +23,7 @@ read the ratios, not the absolute figures):
    between the model runtime and the pipeline; and a check that the baseline computes the same
    vectors as our FP32 model (cosine).
 
-    .venv/bin/python bench/e2e_bench.py --corpus /work/shared/eval/scifact --out results
+    .venv/bin/python bench/e2e_bench.py --corpus ../shared/eval/scifact --out results
 
 Writes ``e2e_bench.json``, ``e2e_bench.md`` and PNG plots into ``--out``. Starts its own local
 stack unless ``--kafka`` and ``--es-url`` are given. Reuses ``bench/pipeline_bench.py``.
@@ -59,8 +59,9 @@ from pipeline_bench import (
 from tokenizers import Tokenizer
 
 from encoder import SparseEncoder, cache_root, fetch_default_model
-from service.app import Service, load_encoder
-from service.eval import create_topic, produce
+from service.app import Service
+from service.builder import load_encoder
+from tooling.topics import create_topic, produce
 
 STAGES = ("prepare", "tokenize", "inference", "encode", "bulk")
 MAPPING = {

@@ -1,6 +1,6 @@
 """Encoder benchmark: throughput, peak memory and INT8 fidelity.
 
-    .venv/bin/python bench/encoder_bench.py --scifact /work/shared/eval/scifact --random-base
+    .venv/bin/python bench/encoder_bench.py --scifact ../shared/eval/scifact --random-base
 
 For each model (the default SPLADE-tiny, and with ``--random-base`` a randomly initialised
 BERT-base-shaped model exported by our exporter) and each workload (texts of exactly 64/128/256/512

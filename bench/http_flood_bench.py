@@ -43,9 +43,9 @@ from encoder import SparseEncoder, default_model_dir
 from encoder.gate import SessionGate
 from service.app import Service
 from service.config import load_settings
-from service.demo_corpus import stdlib_documents
 from service.elastic import delete_index
-from service.eval import create_topic, produce
+from tooling.demo.corpus import stdlib_documents
+from tooling.topics import create_topic, produce
 
 QUERIES = [
     "how do I read a file line by line",

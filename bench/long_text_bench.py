@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from encoder import EncodeStats, SparseEncoder, cpu_features, fetch_default_model  # noqa: E402
 from encoder.metadata import LONG_TEXT_MODES  # noqa: E402
-from service.eval import load_beir  # noqa: E402
+from tooling.eval.beir import load_beir  # noqa: E402
 
 MODES = ("truncate", "chunk", "passages")  # cheapest first
 

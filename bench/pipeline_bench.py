@@ -13,7 +13,7 @@ pairs of 1 and 2 alternate and the median ratio is reported):
 3. latency: a producer at a fixed fraction (default 0.5) of the end-to-end rate for a while,
    with a 1 s refresh; end-to-end lag (Kafka record timestamp -> Elasticsearch ack) p50/p99.
 
-    .venv/bin/python bench/pipeline_bench.py --corpus /work/shared/eval/scifact \\
+    .venv/bin/python bench/pipeline_bench.py --corpus ../shared/eval/scifact \\
         --model ~/.cache/sparse-ingest/models/splade-tiny-msmarco [--model OTHER_DIR] \\
         [--docs 2000] [--json results/pipeline.json]
 
@@ -41,8 +41,8 @@ from deploy.local.procs import cpu_seconds, group_members
 from encoder import EncodeStats, SparseEncoder
 from service.app import Service
 from service.config import load_settings
-from service.demo_corpus import stdlib_documents
-from service.eval import create_topic, produce
+from tooling.demo.corpus import stdlib_documents
+from tooling.topics import create_topic, produce
 
 
 def load_corpus(path: str | None, limit: int) -> list[dict[str, str]]:
@@ -126,7 +126,7 @@ async def wait_done(
         if consumed and first is None:
             first = time.perf_counter()
         if consumed >= expected and svc.pipeline is not None and svc.pipeline.idle:
-            await svc.pipeline.commit(force=True)
+            await svc.pipeline.commit()
             end = time.perf_counter()
             return {"first": first or end, "end": end}
         await asyncio.sleep(0.02)

@@ -180,7 +180,7 @@ def main() -> int:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("aiokafka", "elastic_transport", "service.pipeline", "service.processing"):
+    for noisy in ("aiokafka", "elastic_transport", "service.kafka.pipeline", "service.batches"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     started = time.monotonic()
     if args.work:

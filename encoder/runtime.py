@@ -37,6 +37,7 @@ from encoder.metadata import (
     read_metadata,
 )
 from encoder.passages import Passage, passage_spans
+from encoder.pooling import WindowMerger
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +542,8 @@ class SparseEncoder:
     ) -> list[SparseVector]:
         """Run the model over the windows in token-budget batches. Returns one vector per
         window, or with ``merge`` one per text (its windows max-merged in a dense buffer until
-        the last is done). ``started``: when tokenizing began (for ``stats``)."""
+        the last is done: :class:`encoder.pooling.WindowMerger`). ``started``: when tokenizing
+        began (for ``stats``)."""
         st = stats if stats is not None else EncodeStats()
         lengths = [len(u.ids) for u in units]
         batches = plan_batches(lengths, self.max_batch_tokens, self.max_batch_docs)
@@ -551,11 +553,11 @@ class SparseEncoder:
         st.tokens += sum(lengths)
         st.batches += len(batches)
 
-        windows_per_doc = np.bincount([u.doc for u in units], minlength=n_texts)
+        merger = (
+            WindowMerger(np.bincount([u.doc for u in units], minlength=n_texts)) if merge else None
+        )
         per_unit: list[SparseVector] = [] if merge else [{} for _ in units]
         per_doc: list[SparseVector] = [{} for _ in range(n_texts)] if merge else []
-        pending: dict[int, np.ndarray] = {}
-        remaining = windows_per_doc.copy()
         for batch in batches:
             t1 = time.perf_counter()
             width = max(lengths[i] for i in batch)
@@ -568,23 +570,13 @@ class SparseEncoder:
             t2 = time.perf_counter()
             out = self._run(ids, mask, priority)
             t3 = time.perf_counter()
-            if not merge:
+            if merger is not None:
+                docs, rows = merger.add([units[i].doc for i in batch], out)
+                for doc, vec in zip(docs, self._features.to_dicts(rows), strict=True):
+                    per_doc[doc] = vec
+            else:
                 for i, vec in zip(batch, self._features.to_dicts(out), strict=True):
                     per_unit[i] = vec
-            else:
-                single = [r for r, i in enumerate(batch) if windows_per_doc[units[i].doc] == 1]
-                if single:
-                    for r, vec in zip(single, self._features.to_dicts(out[single]), strict=True):
-                        per_doc[units[batch[r]].doc] = vec
-                for r, i in enumerate(batch):
-                    doc = units[i].doc
-                    if windows_per_doc[doc] == 1:
-                        continue
-                    acc = pending.get(doc)
-                    pending[doc] = out[r].copy() if acc is None else np.maximum(acc, out[r])
-                    remaining[doc] -= 1
-                    if remaining[doc] == 0:
-                        per_doc[doc] = self._features.to_dicts(pending.pop(doc)[None, :])[0]
             t4 = time.perf_counter()
             st.tokenize_seconds += t2 - t1
             st.inference_seconds += t3 - t2

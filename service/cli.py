@@ -4,9 +4,14 @@ Each package contributes its own subcommands through an ``add_subcommands(subpar
 function, so this module only wires them together:
 
 - ``encoder.cli``: ``model export``, ``model fetch-default``, ``encode``
-- ``deploy.local.cli``: ``stack up|down|status``
-- ``service.commands``: ``run``, ``search``, ``demo``
+- ``service.commands``: ``run``, ``search``
+- ``service.faust_runner``: ``faust``
 - ``service.reindex``: ``reindex``, ``index status|retire``
+
+and, in a checkout of the repository only (developer tooling, not in the wheel or the image):
+
+- ``deploy.local.cli``: ``stack fetch|up|down|status``
+- ``tooling.cli``: ``demo``, ``eval``
 """
 
 from __future__ import annotations
@@ -17,15 +22,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-_CONTRIBUTORS = (
-    "encoder.cli",
-    "deploy.local.cli",
-    "service.commands",
-    "service.faust_runner",
-    "service.demo",
-    "service.eval",
-    "service.reindex",
-)
+_CONTRIBUTORS = ("encoder.cli", "service.commands", "service.faust_runner", "service.reindex")
+# present in a checkout (make setup), absent from the product wheel and image
+_TOOLING = ("deploy.local.cli", "tooling.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _CONTRIBUTORS:
+        importlib.import_module(module_name).add_subcommands(subparsers)
+    for module_name in _TOOLING:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:
+            # only the tooling package itself may be missing, not what it imports
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
                 raise
             continue
         module.add_subcommands(subparsers)

@@ -44,7 +44,8 @@ def _settings(**overrides: Any) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from service.app import StartupError, run_forever
+    from service.app import run_forever
+    from service.errors import StartupError
 
     settings = _settings()
     if args.check:
@@ -73,14 +74,9 @@ def _search(args: argparse.Namespace) -> int:
 async def _search_async(settings: Any, args: argparse.Namespace) -> int:
     from elasticsearch import NotFoundError
 
-    from service.app import (
-        StartupError,
-        build_sink,
-        check_elasticsearch,
-        elasticsearch_client,
-        load_encoder,
-        searcher_for,
-    )
+    from service.builder import build_sink, load_encoder, searcher_for
+    from service.elastic import check_elasticsearch, elasticsearch_client
+    from service.errors import StartupError
 
     encoder = load_encoder(settings)
     es = elasticsearch_client(settings)

@@ -22,8 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
+from service.config import Settings
+from service.errors import StartupError
+from service.kafka.clients import kafka_security
 from service.messages import RecordRef
 
 log = logging.getLogger(__name__)
@@ -160,3 +169,60 @@ class DeadLetterWriter:
                 len(d.headers),
             )
             await (await self._enqueue(d, 0, bare=True))
+
+
+def dead_letter_max_value(settings: Settings) -> int:
+    """Dead letters carry the original value up to this length (longer ones, ``too_large``
+    records, are cut to it): what the service accepts, and at least ~1 MB."""
+    return max(settings.max_message_bytes, 960 * 1024)
+
+
+def dead_letter_request_size(settings: Settings) -> int:
+    """The dead-letter producer's ``max_request_size``: the value plus key and headers."""
+    return dead_letter_max_value(settings) + 64 * 1024
+
+
+async def ensure_dead_letter_topic(settings: Settings, producer: AIOKafkaProducer) -> None:
+    """The dead-letter topic must exist before the first bad record: a broker without topic
+    auto-creation would otherwise hold that record's partition. Created when missing (as
+    many partitions as the widest source topic, replication up to 3), unless switched off."""
+    s = settings
+    topic = s.dead_letter_topic
+    metadata = await producer.client.fetch_all_metadata()
+    if topic in metadata.topics():
+        return
+    fix = (
+        f"create it, or set SPARSE_INGEST_KAFKA_DEAD_LETTER_TOPIC to an existing topic"
+        f"{'' if s.kafka_create_dead_letter_topic else ', or SPARSE_INGEST_KAFKA_CREATE_DEAD_LETTER_TOPIC=true'}"
+    )
+    if not s.kafka_create_dead_letter_topic:
+        raise StartupError(f"dead-letter topic {topic!r} does not exist in Kafka: {fix}")
+    partitions = max(
+        (len(metadata.partitions_for_topic(t) or ()) for t in s.kafka_topics), default=1
+    )
+    replication = min(3, len(metadata.brokers())) or 1
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=s.kafka_bootstrap_servers,
+        client_id=f"{s.kafka_client_id}-admin",
+        **kafka_security(s),
+    )
+    try:
+        await admin.start()
+        response = await admin.create_topics([NewTopic(topic, max(partitions, 1), replication)])
+        errors = [e for e in response.topic_errors if e[1] not in (0, 36)]  # 36: exists
+        if errors:
+            raise KafkaError(
+                f"error code {errors[0][1]}: {errors[0][2] if len(errors[0]) > 2 else ''}"
+            )
+    except KafkaError as exc:
+        raise StartupError(
+            f"dead-letter topic {topic!r} does not exist and could not be created ({exc}): {fix}"
+        ) from None
+    finally:
+        await admin.close()
+    log.info(
+        "created the dead-letter topic %s (%d partitions, replication %d)",
+        topic,
+        max(partitions, 1),
+        replication,
+    )

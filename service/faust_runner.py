@@ -54,10 +54,10 @@ log = logging.getLogger(__name__)
 def broker_credentials(settings: Settings) -> Any:
     """Faust's ``broker_credentials`` for the Kafka security settings (None for PLAINTEXT):
     the same SSL context, SASL mechanism and user as ``run``'s clients
-    (:func:`service.app.kafka_security`)."""
+    (:func:`service.kafka.clients.kafka_security`)."""
     import faust
 
-    from service.app import kafka_security
+    from service.kafka.clients import kafka_security
 
     security = kafka_security(settings)
     protocol = security["security_protocol"]
@@ -87,51 +87,32 @@ def describe_records(events: Sequence[Any]) -> str:
     )
 
 
-async def preflight(settings: Settings) -> None:
-    """The start-up checks of ``run``; raises :class:`service.app.StartupError`."""
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaConnectionError, KafkaError
-
-    from service.app import (
-        StartupError,
-        _LogCapture,
-        build_sink,
-        check_elasticsearch,
-        elasticsearch_client,
-        ensure_dead_letter_topic,
-        kafka_connection_error,
-        kafka_security,
-        load_encoder,
-        open_index,
-    )
+async def preflight(settings: Settings, encoder: Any) -> None:
+    """The start-up checks of ``run`` (Elasticsearch and the index made for ``encoder``'s
+    vectors, Kafka, the dead-letter topic, the schema registry); raises
+    :class:`service.errors.StartupError`."""
+    from service.builder import build_sink, check_registry, open_index, schema_registry
+    from service.deadletter import ensure_dead_letter_topic
+    from service.elastic import check_elasticsearch, elasticsearch_client
+    from service.kafka.clients import dead_letter_producer, start_clients, stop_clients
 
     s = settings
     es = elasticsearch_client(s)
     try:
         await check_elasticsearch(es, s)
-        encoder = await asyncio.to_thread(load_encoder, s)  # the index is made for its vectors
         await open_index(build_sink(s, es, encoder), s)
     finally:
         await es.close()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap_servers,
-        client_id=f"{s.kafka_client_id}-faust-check",
-        **kafka_security(s),
-    )
-    failures = _LogCapture("aiokafka", "Unable connect to")
+    producer = dead_letter_producer(s, max_request_size=1024 * 1024)
+    await start_clients(s, producer)
     try:
-        with failures:
-            await producer.start()
         await ensure_dead_letter_topic(s, producer)
-    except KafkaConnectionError as exc:
-        raise StartupError(kafka_connection_error(s, exc, failures.last)) from None
-    except KafkaError as exc:
-        raise StartupError(
-            f"Kafka at {s.kafka_bootstrap_servers} refused the connection "
-            f"(check SPARSE_INGEST_KAFKA_SECURITY_PROTOCOL / SASL / SSL settings): {exc}"
-        ) from None
     finally:
-        await producer.stop()
+        await stop_clients(producer)
+    registry = schema_registry(s)
+    if registry is not None:
+        await check_registry(registry)
+        await registry.close()
 
 
 def _read_committed_transport() -> Any:
@@ -157,27 +138,24 @@ def _read_committed_transport() -> Any:
 def create_app(settings: Settings, encoder: Any = None) -> Any:
     """The Faust app with its ``ingest`` agent; ``encoder``: loaded when None."""
     import faust
-    from aiokafka import AIOKafkaProducer
 
-    from service import record_guard
+    from service.batches import Batch
+    from service.builder import (
+        build_processor,
+        build_sink,
+        load_encoder,
+        model_info,
+        schema_registry,
+    )
+    from service.deadletter import dead_letter_request_size
+    from service.elastic import elasticsearch_client
+    from service.kafka import record_guard
+    from service.kafka.clients import dead_letter_producer
+    from service.metrics import Metrics
 
     # Faust consumes through aiokafka too: a batch or record the client cannot read becomes a
     # dead letter here as well (the marker records reach processor.add_record with the events).
     record_guard.install()
-
-    from service.app import (
-        build_sink,
-        dead_letter_max_value,
-        dead_letter_request_size,
-        elasticsearch_client,
-        kafka_security,
-        load_encoder,
-        message_contract,
-        schema_registry,
-    )
-    from service.deadletter import DeadLetterWriter
-    from service.metrics import Metrics
-    from service.processing import Batch, BatchProcessor
 
     brokers = [f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")]
     app = faust.App(
@@ -223,31 +201,13 @@ def create_app(settings: Settings, encoder: Any = None) -> Any:
         loaded = encoder if encoder is not None else await asyncio.to_thread(load_encoder, settings)
         es = elasticsearch_client(settings)
         registry = schema_registry(settings)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            client_id=f"{settings.kafka_client_id}-dlq",
-            acks="all",
-            enable_idempotence=True,
-            max_request_size=dead_letter_request_size(settings),
-            **kafka_security(settings),
-        )
+        producer = dead_letter_producer(settings, dead_letter_request_size(settings))
         try:
             await producer.start()
             sink = build_sink(settings, es, loaded)
             await sink.ensure_index(create=False)  # made by preflight; resolves the alias
-            processor = BatchProcessor(
-                loaded,
-                sink,
-                DeadLetterWriter(
-                    producer, settings.dead_letter_topic, dead_letter_max_value(settings)
-                ),
-                message_contract(settings),
-                metrics,
-                model_name=loaded.metadata.name,
-                skip_unchanged=settings.skip_unchanged,
-                unavailable_backoff_s=settings.es_unavailable_backoff_s,
-                registry=registry,
-            )
+            metrics.model_info.info(model_info(loaded.metadata))
+            processor = build_processor(settings, loaded, sink, producer, metrics, registry)
             log.info("faust agent ready: %s -> index %r", settings.kafka_topics, settings.es_index)
             seq = 0
             last_offsets: dict[Any, int] = {}
@@ -339,13 +299,14 @@ def _faust(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from encoder import ModelError
-    from service.app import StartupError, load_encoder
+    from service.builder import load_encoder
     from service.commands import _settings
+    from service.errors import StartupError
 
     settings = _settings()
     try:
         encoder = load_encoder(settings)
-        asyncio.run(preflight(settings))
+        asyncio.run(preflight(settings, encoder))
     except (StartupError, ModelError) as exc:
         print(f"sparse-ingest: {exc}", file=sys.stderr)
         return 1

@@ -104,7 +104,7 @@ class LagMeter:
     offsets and configs only)."""
 
     def __init__(self, settings: Settings, group: str | None = None) -> None:
-        from service.app import kafka_security
+        from service.kafka.clients import kafka_security
 
         self.settings = settings
         self.group = group
@@ -269,13 +269,9 @@ async def reindex(
 ) -> ReindexResult:
     """Build the new index with ``model_dir``'s model and swap the alias (module docs).
     Returns after the swap with ``exit_after_swap``, else when ``stop`` is set."""
-    from service.app import (
-        Service,
-        build_sink,
-        check_elasticsearch,
-        elasticsearch_client,
-        load_encoder,
-    )
+    from service.app import Service
+    from service.builder import build_sink, load_encoder
+    from service.elastic import check_elasticsearch, elasticsearch_client
     from service.sink import versioned_index
 
     stop = stop or asyncio.Event()
@@ -393,7 +389,7 @@ async def reindex(
 
 
 def _kafka_admin(settings: Settings, what: str) -> AIOKafkaAdminClient:
-    from service.app import kafka_security
+    from service.kafka.clients import kafka_security
 
     return AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -438,7 +434,7 @@ async def retire(settings: Settings, index: str, group: str | None) -> list[str]
     """Delete an index no longer behind the alias, and the old deployment's consumer group.
     The group goes first: one that still has members (the old deployment runs, and would
     auto-create the deleted index again) stops the retire before anything is deleted."""
-    from service.app import check_elasticsearch, elasticsearch_client
+    from service.elastic import check_elasticsearch, elasticsearch_client
 
     if not index or any(c in index for c in ",*?") or index.startswith(("_", "-")):
         raise ReindexError(f"give one index name, not a pattern or a list: {index!r}")
@@ -516,7 +512,7 @@ def _settings() -> Settings:
 
 
 def _reindex_cli(args: argparse.Namespace) -> int:
-    from service.app import StartupError
+    from service.errors import StartupError
 
     settings = _settings()
 
@@ -559,7 +555,7 @@ def _status_cli(args: argparse.Namespace) -> int:
     settings = _settings()
 
     async def main() -> int:
-        from service.app import check_elasticsearch, elasticsearch_client
+        from service.elastic import check_elasticsearch, elasticsearch_client
 
         es = elasticsearch_client(settings)
         try:
@@ -586,7 +582,7 @@ def _status_cli(args: argparse.Namespace) -> int:
         finally:
             await es.close()
 
-    from service.app import StartupError
+    from service.errors import StartupError
 
     try:
         return asyncio.run(main())
@@ -596,7 +592,7 @@ def _status_cli(args: argparse.Namespace) -> int:
 
 
 def _retire_cli(args: argparse.Namespace) -> int:
-    from service.app import StartupError
+    from service.errors import StartupError
 
     settings = _settings()
     try:

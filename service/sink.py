@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from elastic_transport import ConnectionError as EsConnectionError
 from elastic_transport import SerializationError, TlsError, TransportError
@@ -605,35 +605,24 @@ class ElasticsearchSink:
                 op, info = next(iter(item.items()))
                 action = by_id[info["_id"]]
                 seen.add(action.doc_id)
-                status = info.get("status")
-                if ok:
+                kind, reason, detail = classify_item(ok, op, info, isinstance(action, Delete))
+                if kind == "written":
                     if isinstance(action, Delete):
                         outcome.deleted.append(action)
                     else:
                         outcome.indexed.append(action)
                         self._largest_written = max(self._largest_written, _size_estimate(action))
-                elif "exception" in info:  # the whole request failed, not this item
-                    if status in DOCUMENT_FAULT_STATUSES:
-                        refused.append((action, int(status), _request_error(info)))
-                    else:
-                        outcome.retry.append((action, f"request_{status}"))
-                elif status == 404 and isinstance(action, Delete):
+                elif kind == "request_refused":
+                    refused.append((action, int(info["status"]), detail))
+                elif kind == "not_found" and isinstance(action, Delete):
                     outcome.not_found.append(action)
-                elif status == 409:
+                elif kind == "stale":
                     outcome.stale.append(action)
-                    outcome.stale_details[action.doc_id] = _error_reason(info)[1]
+                    outcome.stale_details[action.doc_id] = detail
+                elif kind == "rejected":
+                    outcome.rejected.append((action, reason, detail))
                 else:
-                    reason, detail = _error_reason(info)
-                    if (
-                        status in DOCUMENT_FAULT_STATUSES
-                        and reason not in CLUSTER_ERROR_TYPES
-                        and not any(r in detail for r in CLUSTER_ERROR_REASONS)
-                    ):
-                        outcome.rejected.append(
-                            (action, reason, f"{op} failed ({status}): {detail}")
-                        )
-                    else:
-                        outcome.retry.append((action, reason))
+                    outcome.retry.append((action, reason))
         except SerializationError:
             raise  # a document that cannot be serialized: the caller isolates it
         except (TransportError, ApiError) as exc:  # connection refused or dropped, timeout
@@ -651,6 +640,45 @@ class ElasticsearchSink:
         if len(seen) != len(by_id):  # defensive: never let an item go unaccounted
             outcome.retry.extend((by_id[i], "no_result") for i in set(by_id) - seen)
         return refused, []
+
+
+ItemKind = Literal["written", "request_refused", "not_found", "stale", "rejected", "retry"]
+
+
+def classify_item(
+    ok: bool, op: str, info: dict[str, Any], is_delete: bool
+) -> tuple[ItemKind, str, str]:
+    """What one result of a bulk request means, as ``(kind, reason, detail)``:
+
+    - ``written``: indexed or deleted;
+    - ``request_refused``: the whole request failed with a status that may be the document's
+      (400, 413): the caller splits the request to find out;
+    - ``not_found``: a delete of a document that is not there (done);
+    - ``stale``: Elasticsearch holds a newer version (409; ``detail`` names both);
+    - ``rejected``: the document's fault (a 400 or 413 for a reason about the document): a
+      dead letter with ``reason``;
+    - ``retry``: the cluster's state (429, 5xx, blocks, privileges, a missing index): never
+      dropped, written again later.
+    """
+    status = info.get("status")
+    if ok:
+        return "written", "", ""
+    if "exception" in info:  # the whole request failed, not this item
+        if status in DOCUMENT_FAULT_STATUSES:
+            return "request_refused", f"request_{status}", _request_error(info)
+        return "retry", f"request_{status}", ""
+    if status == 404 and is_delete:
+        return "not_found", "", ""
+    if status == 409:
+        return "stale", "version_conflict", _error_reason(info)[1]
+    reason, detail = _error_reason(info)
+    if (
+        status in DOCUMENT_FAULT_STATUSES
+        and reason not in CLUSTER_ERROR_TYPES
+        and not any(r in detail for r in CLUSTER_ERROR_REASONS)
+    ):
+        return "rejected", reason, f"{op} failed ({status}): {detail}"
+    return "retry", reason, detail
 
 
 def _size_estimate(action: Action) -> int:

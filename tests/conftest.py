@@ -234,7 +234,7 @@ def default_encoder(default_model_dir: Path) -> Any:
     """One warmed INT8 encoder shared by the tests that run the service, as the service's
     default settings load it (long texts as passages of 256 tokens)."""
     from encoder import SparseEncoder
-    from service.app import long_text_options
+    from service.builder import long_text_options
     from service.config import load_settings
 
     options = long_text_options(load_settings(model_dir=default_model_dir))

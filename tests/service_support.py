@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 
 from service.app import Service
 from service.config import Settings, load_settings
-from service.eval import create_topic  # noqa: F401  (re-exported for the tests)
+from tooling.topics import create_topic  # noqa: F401  (re-exported for the tests)
 
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 

@@ -134,7 +134,7 @@ async def test_the_cdc_demo_shows_an_update_and_a_delete(
     """`sparse-ingest demo --cdc`'s steps on the session's stacks (the command starts its own)."""
     import types
 
-    from service.demo_cdc import _run
+    from tooling.demo.cdc import _run
 
     info = types.SimpleNamespace(kafka_bootstrap=cdc_stack.info.kafka_bootstrap, es_url=es_url)
     assert await _run(cdc_stack, info, default_model_dir, 40, 0, time.monotonic()) == 0

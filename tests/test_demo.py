@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import _run
+from tooling.demo.stream import _run
 
 
 async def test_demo_runs_and_shows_a_passage_past_512_tokens(

@@ -13,9 +13,14 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from service.app import StartupError, check_elasticsearch, elasticsearch_client
 from service.config import load_settings
-from service.elastic import ClusterInfo, accepted_versions
+from service.elastic import (
+    ClusterInfo,
+    accepted_versions,
+    check_elasticsearch,
+    elasticsearch_client,
+)
+from service.errors import StartupError
 
 Server = Callable[..., Any]
 

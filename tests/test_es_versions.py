@@ -24,8 +24,7 @@ from service_support import (
     wait_all_committed,
 )
 
-from service.app import elasticsearch_client
-from service.elastic import delete_index
+from service.elastic import delete_index, elasticsearch_client
 from service.messages import META_FIELD
 from service.reindex import alias_state, reindex
 

@@ -11,27 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from service.eval import (
+from tooling.eval.beir import BeirData, load_beir, subset
+from tooling.eval.checks import (
     FEATURE_REL_PRECISION,
-    REFERENCE_NDCG,
-    BeirData,
-    EvalConfig,
-    Variant,
     brute_force_top,
     check_scores,
     inverted,
-    load_beir,
     lucene_feature,
     lucene_vector,
-    markdown,
     query_as_sent,
-    run_eval,
-    select_variants,
-    subset,
 )
-from service.eval_metrics import evaluate, mrr_at_k, ndcg_at_k, recall_at_k
+from tooling.eval.metrics import evaluate, mrr_at_k, ndcg_at_k, recall_at_k
+from tooling.eval.report import REFERENCE_NDCG, markdown
+from tooling.eval.runner import EvalConfig, run_eval
+from tooling.eval.variants import Variant, select_variants
 
-SCIFACT = Path(os.environ.get("SPARSE_INGEST_EVAL_DATA", "/work/shared/eval/scifact"))
+# The shared eval data: a sibling of the checkout (../shared/eval/scifact), unless set.
+SCIFACT = Path(
+    os.environ.get("SPARSE_INGEST_EVAL_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "scifact"
+)
 LOG2_3 = math.log2(3)  # discount at rank 2
 
 # ------------------------------------------------------------------------------ metrics

@@ -13,9 +13,9 @@ import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from deploy.local.certs import make_ca
-from service.app import kafka_security
 from service.config import load_settings
 from service.faust_runner import broker_credentials
+from service.kafka.clients import kafka_security
 
 
 def _settings(tmp_path: Path, protocol: str) -> Any:

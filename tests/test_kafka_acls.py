@@ -31,7 +31,8 @@ from deploy.local import artifacts as fetching
 from deploy.local.java import find_java
 from deploy.local.paths import cache_dir
 from deploy.local.versions import KAFKA_MIN_JAVA
-from service.app import Service, StartupError
+from service.app import Service
+from service.errors import StartupError
 from service.reindex import alias_state, reindex, retire
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -27,7 +27,8 @@ from service_support import (
 )
 
 from deploy.local import LocalStack
-from service.app import Service, StartupError
+from service.app import Service
+from service.errors import StartupError
 from service.messages import META_FIELD
 
 
@@ -108,7 +109,8 @@ async def test_run_and_search_with_index_privileges_only(
     async with running_service(settings("run"), default_encoder) as svc:
         assert svc.index != alias and svc.index.startswith(alias)  # the index behind the alias
         await wait_all_committed(kafka_bootstrap, settings("run").kafka_group_id, topic)
-        ok, detail = await svc._check_es()
+        assert svc.readiness is not None
+        ok, detail = await svc.readiness.elasticsearch()
         assert ok and "no monitor privilege" in detail
     await admin.indices.refresh(index=alias)
     assert (await admin.count(index=alias))["count"] == 19

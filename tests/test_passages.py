@@ -31,10 +31,11 @@ from service_support import (
 
 from encoder import ModelError, Passage, SparseEncoder
 from encoder.passages import passage_spans
-from service.app import StartupError, build_sink, elasticsearch_client, long_text_options
+from service.batches import BatchProcessor
+from service.builder import build_sink, long_text_options
 from service.config import ConfigError, load_settings
-from service.elastic import delete_index
-from service.eval import long_text_variant
+from service.elastic import delete_index, elasticsearch_client
+from service.errors import StartupError
 from service.messages import (
     META_FIELD,
     BadRecord,
@@ -46,10 +47,10 @@ from service.messages import (
     indexed_text,
 )
 from service.metrics import Metrics
-from service.processing import BatchProcessor
 from service.reindex import reindex
 from service.search import Mode, PassageHit, Searcher
 from service.sink import ElasticsearchSink, IndexConfig, _stored_passages
+from tooling.eval.variants import long_text_variant
 
 # ------------------------------------------------------------------------------ spans (pure)
 

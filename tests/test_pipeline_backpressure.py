@@ -9,72 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import TopicPartition
+from kafka_fakes import TOPIC, InMemoryConsumer, RecordingProcessor, rec
 
+from service.kafka.pausing import record_bytes
+from service.kafka.pipeline import Pipeline, PipelineConfig
 from service.metrics import Metrics
-from service.pipeline import Pipeline, PipelineConfig, record_bytes
-from service.processing import Batch
-
-TOPIC = "t"
-
-
-def rec(partition: int, offset: int, size: int) -> Any:
-    return SimpleNamespace(
-        topic=TOPIC, partition=partition, offset=offset, timestamp=0,
-        key=b"k", value=b"v" * (size - 1), headers=[],
-    )  # fmt: skip
-
-
-class InMemoryConsumer:
-    def __init__(self, log: dict[TopicPartition, list[Any]]) -> None:
-        self.log = log
-        self.position = dict.fromkeys(log, 0)
-        self._paused: set[TopicPartition] = set()
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.log)
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.position[tp] = offset
-
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
-        out: dict[TopicPartition, list[Any]] = {}
-        left = max_records or 10**9
-        for tp, records in self.log.items():
-            if tp in self._paused or left == 0:
-                continue
-            got = [r for r in records if r.offset >= self.position[tp]][:left]
-            if got:
-                out[tp] = got
-                self.position[tp] = got[-1].offset + 1
-                left -= len(got)
-        return out
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self._paused.update(tps)
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self._paused.difference_update(tps)
-
-    def paused(self) -> set[TopicPartition]:
-        return set(self._paused)
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.log[tp])
-
-    async def commit(self, offsets: dict) -> None:
-        pass
-
-
-class RecordingProcessor:
-    """``add_record`` as the pipeline calls it; notes what was taken."""
-
-    def __init__(self) -> None:
-        self.taken: list[tuple[int, int]] = []
-
-    def add_record(self, batch: Batch, topic: str, partition: int, offset: int, *_: Any) -> None:
-        batch.records += 1
-        batch.next_offsets[TopicPartition(topic, partition)] = offset + 1
-        self.taken.append((partition, offset))
 
 
 def pipeline_over(log: dict[TopicPartition, list[Any]], bound: int) -> Pipeline:
@@ -85,8 +24,9 @@ def pipeline_over(log: dict[TopicPartition, list[Any]], bound: int) -> Pipeline:
 async def write_everything(pipeline: Pipeline) -> None:
     """What the stages do once Elasticsearch answers: every batch handed over is written."""
     assert pipeline._hand_over()
-    while not pipeline._prepare_q.empty():
-        await pipeline._done_with(pipeline._prepare_q.get_nowait())
+    stages = pipeline.stages
+    while not stages._prepare_q.empty():
+        await stages.mark_done(stages._prepare_q.get_nowait())
 
 
 async def test_records_past_the_bound_go_back_and_come_again_none_skipped() -> None:
@@ -99,11 +39,11 @@ async def test_records_past_the_bound_go_back_and_come_again_none_skipped() -> N
     pipeline._take(await consumer.getmany())
     assert processor.taken == [(0, o) for o in range(10)]  # 10 x 100 B = the bound
     assert pipeline.inflight_bytes == 1000
-    assert consumer.position == {tps[0]: 10, tps[1]: 0}  # sought back to the first not taken
+    assert consumer.positions == {tps[0]: 10, tps[1]: 0}  # sought back to the first not taken
     assert pipeline._blocked()
 
     peak = 0
-    while any(consumer.position[tp] < 25 for tp in tps):
+    while any(consumer.positions[tp] < 25 for tp in tps):
         await write_everything(pipeline)
         assert not pipeline._blocked()
         pipeline._take(await consumer.getmany())
@@ -132,7 +72,7 @@ async def test_seek_back_starts_after_the_last_record_taken() -> None:
     pipeline = pipeline_over({tp: [rec(0, 0, 300), rec(0, 1, 300), rec(0, 2, 300), marker]}, 1000)
     pipeline._take(await pipeline.consumer.getmany())
     assert pipeline.processor.taken == [(0, 0), (0, 1), (0, 2)]  # type: ignore[attr-defined]
-    assert pipeline.consumer.position[tp] == 3  # type: ignore[attr-defined]
+    assert pipeline.consumer.positions[tp] == 3  # type: ignore[attr-defined]
 
 
 def test_record_bytes_counts_key_value_and_headers() -> None:

@@ -1,7 +1,7 @@
-"""service.record_guard on real record-batch bytes (built by aiokafka's own batch builder, then
+"""service.kafka.record_guard on real record-batch bytes (built by aiokafka's own batch builder, then
 damaged the way foreign producers or broken disks do), read by aiokafka's real fetcher classes.
 
-The end-to-end checks with kcat and Kafka's Java producer are in tests/test_foreign_producers.py.
+The end-to-end checks with kcat and Kafka's Java producer are in tests/reliability/test_rel_foreign_producers.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from aiokafka.consumer import fetcher
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.util import calc_crc32c
 
-from service import record_guard
-from service.record_guard import MARKER_HEADER, unreadable
+from service.kafka import record_guard
+from service.kafka.record_guard import MARKER_HEADER, unreadable
 
 TP = TopicPartition("t", 0)
 READ_COMMITTED = 1  # aiokafka's isolation level value, as `sparse-ingest run` consumes

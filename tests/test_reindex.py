@@ -36,8 +36,9 @@ from service_support import (
     wait_until,
 )
 
-from service.app import StartupError, long_text_options
+from service.builder import long_text_options
 from service.config import load_settings
+from service.errors import StartupError
 from service.messages import META_FIELD, vector_fingerprint
 from service.reindex import Progress, ReindexError, alias_state, reindex, retire
 from service.search import best_passage_query

@@ -37,8 +37,8 @@ from service_support import (
     wait_until,
 )
 
-from service.app import StartupError
 from service.elastic import delete_index
+from service.errors import StartupError
 from service.messages import OFFSET_VERSION_BITS
 from service.sink import IndexConfig
 
@@ -104,7 +104,7 @@ async def test_recreated_topic_is_loudly_stale_then_wins_with_a_new_epoch(
     same = service_settings(
         kafka_bootstrap, es_url, topic, index_name, kafka_group_id=f"{topic}-same-epoch"
     )
-    with caplog.at_level(logging.WARNING, logger="service.processing"):
+    with caplog.at_level(logging.WARNING, logger="service.batches"):
         async with running_service(same, default_encoder) as svc:
             await wait_all_committed(kafka_bootstrap, same.kafka_group_id, topic)
             labels = {"source": "elasticsearch", "topic": topic}

@@ -26,7 +26,8 @@ from service_support import (
     wait_all_committed,
 )
 
-from service.app import Service, StartupError
+from service.app import Service
+from service.errors import StartupError
 from service.messages import META_FIELD
 from service.search import best_passage_query, sparse_query
 

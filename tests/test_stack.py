@@ -210,13 +210,13 @@ def test_service_dying_at_startup_reports_its_log(tmp_path: Path) -> None:
 def test_kafka_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
     """About 1 id in 64 drawn as plain URL-safe base64 starts with '-', which the storage tool
     reads as an option (`-t -kSQ...`): the first draw here is such a one."""
-    from deploy.local import stack as stack_module
+    from deploy.local import kafka as kafka_module
 
     draws = iter([bytes([0xF9]) + bytes(15), bytes(16)])  # 0xF9 -> "-Q...", then "AAAA..."
-    monkeypatch.setattr(stack_module.secrets, "token_bytes", lambda n: next(draws))
-    assert stack_module.new_kafka_cluster_id() == "A" * 22
+    monkeypatch.setattr(kafka_module.secrets, "token_bytes", lambda n: next(draws))
+    assert kafka_module.new_kafka_cluster_id() == "A" * 22
     monkeypatch.undo()
-    ids = [stack_module.new_kafka_cluster_id() for _ in range(2000)]
+    ids = [kafka_module.new_kafka_cluster_id() for _ in range(2000)]
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
 
 

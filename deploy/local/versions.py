@@ -23,6 +23,7 @@ import re
 from deploy.local.errors import StackError
 
 KAFKA_VERSION = "4.4.0"
+KAFKA_PARTITIONS = 4  # of each topic the local broker creates by default
 SCALA_BINARY_VERSION = "2.13"
 LOG4J_VERSION = "2.25.5"
 ELASTICSEARCH_VERSION = "9.5.3"  # the default

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from service.batches import BatchProcessor
 from service.messages import MessageContract
 from service.metrics import Metrics
-from service.processing import BatchProcessor
 from service.sink import IndexConfig
 
 

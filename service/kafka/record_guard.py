@@ -472,7 +472,7 @@ def install() -> None:
     if not ok:  # pragma: no cover - only with an aiokafka this module was not written for
         raise RuntimeError(
             "this aiokafka version reads record batches differently from what "
-            "service.record_guard expects: pin aiokafka to the range in pyproject.toml"
+            "service.kafka.record_guard expects: pin aiokafka to the range in pyproject.toml"
         )
     fetcher.MemoryRecords = GuardedMemoryRecords
     fetcher.PartitionRecords = GuardedPartitionRecords

@@ -1,14 +1,6 @@
-"""``sparse-ingest demo``: the whole job on one machine, from nothing, in a few minutes.
-
-1. Starts a local Kafka and Elasticsearch (``deploy.local``) and fetches the default model.
-2. Runs the ingest service (in this process) on a fresh topic and index.
-3. Produces a real stream: paragraphs of the Python standard library's docstrings, plus a
-   few malformed records; then updates, metadata-only updates and deletes some documents.
-4. Shows progress while it runs, checks the index ended in the right state, runs semantic
-   searches (one whose best hit shares no word with the query), prints a metrics summary.
-5. Stops what it started (``--keep`` leaves the stack and the service's HTTP port up until
-   Ctrl-C, for poking at /metrics and /search).
-"""
+"""The demo on a document stream (``sparse-ingest demo``, the steps described in
+:mod:`tooling.demo`): the service in-process on a fresh topic and index, standard-library doc
+paragraphs and module manuals streamed through, changes, searches, a metrics summary."""
 
 from __future__ import annotations
 
@@ -24,8 +16,9 @@ import orjson
 
 from service.app import Service
 from service.config import load_settings
-from service.demo_corpus import stdlib_documents
-from service.eval import create_topic, produce
+from service.elastic import delete_index, elasticsearch_client
+from tooling.demo.corpus import stdlib_documents
+from tooling.topics import create_topic, produce
 
 # Paraphrase queries: the words of the query rarely occur in the text that answers them.
 CANDIDATE_QUERIES = (
@@ -43,25 +36,6 @@ CANDIDATE_QUERIES = (
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def add_subcommands(subparsers: Any) -> None:
-    demo = subparsers.add_parser(
-        "demo",
-        help="start Kafka + Elasticsearch, fetch the model, stream documents through, search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_argument("--documents", type=int, default=2000, help="documents to stream (max ~1900)")
-    demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
-    demo.add_argument("--http-port", type=int, default=8080)
-    demo.add_argument("--stack-name", default="demo")
-    demo.add_argument(
-        "--cdc",
-        action="store_true",
-        help="a Postgres table through Debezium instead: update a row, watch the search change",
-    )
-    demo.set_defaults(handler=_demo)
-
-
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -70,15 +44,10 @@ def _words(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
 
 
-def _demo(args: argparse.Namespace) -> int:
+def run_stream_demo(args: argparse.Namespace) -> int:
+    """``sparse-ingest demo`` (without ``--cdc``): start the stack, fetch the model, run, stop."""
     from deploy.local import LocalStack, StackError
     from encoder import fetch_default_model
-
-    if args.cdc:
-        from service.demo_cdc import run_cdc_demo
-
-        documents = 300 if args.documents == 2000 else args.documents
-        return run_cdc_demo(documents, args.http_port, f"{args.stack_name}-cdc", args.keep)
 
     started = time.monotonic()
     _say("== 1. local stack: Kafka (KRaft) + Elasticsearch, on loopback")
@@ -139,7 +108,7 @@ async def _wait_done(svc: Service, expected: int, t0: float, label: str) -> None
         )
         pipeline = svc.pipeline
         if consumed >= expected and pipeline is not None and pipeline.idle:
-            await pipeline.commit(force=True)
+            await pipeline.commit()
             break
         if time.monotonic() - last >= 1.0:
             last = time.monotonic()
@@ -247,9 +216,6 @@ async def _run(
     svc = Service(settings)
     assert svc.es is None
     _say(f"\n== 3. ingest service: topic {topic!r} -> index 'demo-docs' (recreated)")
-    from service.app import elasticsearch_client
-    from service.elastic import delete_index
-
     es = elasticsearch_client(settings)
     with contextlib.suppress(Exception):
         await delete_index(es, "demo-docs")

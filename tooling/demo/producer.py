@@ -1,7 +1,7 @@
 """Publish the demo stream (standard-library doc paragraphs) to a Kafka topic.
 
 Used by the compose stack's producer container:
-``python -m service.demo_producer --bootstrap kafka:9092 --topic documents [--rate 50]``.
+``python -m tooling.demo.producer --bootstrap kafka:9092 --topic documents [--rate 50]``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from service.demo_corpus import stdlib_documents
+from tooling.demo.corpus import stdlib_documents
 
 
 async def produce(bootstrap: str, topic: str, rate: float, limit: int | None) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 from service.app import Service
 from service.config import load_settings
-from service.demo_corpus import stdlib_documents
-from service.elastic import delete_index
+from service.elastic import delete_index, elasticsearch_client
+from tooling.demo.corpus import stdlib_documents
 
 QUERY = "leap february"
 ANSWER = (
@@ -102,8 +102,6 @@ async def _run(
         es_refresh_interval="200ms",
     )
     svc = Service(settings)
-    from service.app import elasticsearch_client
-
     es = elasticsearch_client(settings)
     await delete_index(es, "demo-cdc")
     await svc.start()

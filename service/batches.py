@@ -3,7 +3,7 @@
 decode (per record) -> prepare (newest per id, content hashes, look up unchanged texts) ->
 encode (off the event loop) -> write (versioned bulk, retried while Elasticsearch refuses) ->
 dead letters (decode failures and documents Elasticsearch rejected). Committing offsets is the
-runner's job, after :meth:`BatchProcessor.finish` returned.
+runner's job, after :meth:`BatchProcessor.send_dead_letters` returned.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from service.deadletter import DeadLetter, DeadLetterWriter
+from service.kafka.record_guard import unreadable
 from service.messages import (
     Action,
     BadRecord,
@@ -31,7 +32,6 @@ from service.messages import (
     vector_fingerprint,
 )
 from service.metrics import Metrics
-from service.record_guard import unreadable
 from service.sink import ElasticsearchSink, SinkUnavailable, Stored
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class BatchProcessor:
         await self.prepare(batch)
         await self.encode(batch)
         await self.write(batch)
-        await self.finish(batch)
+        await self.send_dead_letters(batch)
 
     async def prepare(self, batch: Batch) -> None:
         await self._decode_pending(batch)
@@ -481,7 +481,7 @@ class BatchProcessor:
                 self._probe_failed = False
                 return
 
-    async def finish(self, batch: Batch) -> None:
+    async def send_dead_letters(self, batch: Batch) -> None:
         """Send the batch's dead letters and wait for the broker to have them."""
         if batch.dead:
             start = time.perf_counter()

@@ -1,7 +1,7 @@
 """A real document stream made on the spot: paragraphs of the Python standard library's docs.
 
 Nothing third-party is shipped: the texts are the docstrings of the interpreter that runs the
-demo. ``python -m service.demo_corpus --count 50`` prints a sample as JSON lines.
+demo. ``python -m tooling.demo.corpus --count 50`` prints a sample as JSON lines.
 """
 
 from __future__ import annotations
