@@ -13,10 +13,13 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from elasticsearch import AsyncElasticsearch
 from service_support import metric, running_service, service_settings, wait_until
 
 from deploy.local import LocalStack
+
+pytestmark = pytest.mark.integration  # needs the local stack
 
 
 def sql_text(text: str) -> str:

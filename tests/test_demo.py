@@ -13,6 +13,8 @@ import pytest
 
 from tooling.demo.stream import _run
 
+pytestmark = pytest.mark.integration  # needs the local stack
+
 
 async def test_demo_runs_and_shows_a_passage_past_512_tokens(
     kafka_bootstrap: str,

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from service_support import (
     VECTOR_SOURCE,
     cli,
@@ -27,6 +28,8 @@ from service_support import (
 from service.elastic import delete_index, elasticsearch_client
 from service.messages import META_FIELD
 from service.reindex import alias_state, reindex
+
+pytestmark = pytest.mark.integration  # needs the local stack
 
 
 async def test_ingest_search_and_reindex_on_each_major(

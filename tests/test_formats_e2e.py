@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -69,6 +70,9 @@ ENVELOPE = {
     ],
 }
 KEY = {"type": "record", "name": "Key", "namespace": "pg.public.docs", "fields": [{"name": "id", "type": "int"}]}  # fmt: skip
+
+
+pytestmark = pytest.mark.integration  # needs the local stack
 
 
 async def test_avro_from_confluents_serializer_is_indexed(

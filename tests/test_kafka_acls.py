@@ -40,6 +40,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 TOPIC, DLQ, GROUP = "documents", "documents.dlq", "sparse-ingest"
 
 
+pytestmark = pytest.mark.integration  # needs the local stack
+
+
 @pytest.fixture(scope="module")
 def acl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     stack = LocalStack(

@@ -31,6 +31,8 @@ from service.app import Service
 from service.errors import StartupError
 from service.messages import META_FIELD
 
+pytestmark = pytest.mark.integration  # needs the local stack
+
 
 @pytest.fixture
 async def admin(secure_es: LocalStack) -> AsyncIterator[AsyncElasticsearch]:

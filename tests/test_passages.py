@@ -325,6 +325,7 @@ async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
+@pytest.mark.integration
 async def test_passages_through_the_service_on_each_major(
     es_any: tuple[str, str],
     kafka_bootstrap: str,
@@ -409,6 +410,7 @@ async def test_passages_through_the_service_on_each_major(
         await es.close()
 
 
+@pytest.mark.integration
 async def test_upgrading_a_chunk_index_refuses_then_reindexes_to_passages(
     kafka_bootstrap: str,
     es_url: str,

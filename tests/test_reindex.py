@@ -44,6 +44,8 @@ from service.reindex import Progress, ReindexError, alias_state, reindex, retire
 from service.search import best_passage_query
 from service.sink import IndexConfig, versioned_index
 
+pytestmark = pytest.mark.integration  # needs the local stack
+
 
 @pytest.fixture(scope="module")
 def model_b_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
