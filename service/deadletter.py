@@ -188,7 +188,13 @@ async def ensure_dead_letter_topic(settings: Settings, producer: AIOKafkaProduce
     many partitions as the widest source topic, replication up to 3), unless switched off."""
     s = settings
     topic = s.dead_letter_topic
-    metadata = await producer.client.fetch_all_metadata()
+    try:
+        metadata = await producer.client.fetch_all_metadata()
+    except KafkaError as exc:
+        raise StartupError(
+            f"Kafka at {s.kafka_bootstrap_servers} gave no topic metadata ({exc}): is the "
+            "cluster healthy, and may this user Describe the topics (README: Least privilege)?"
+        ) from None
     if topic in metadata.topics():
         return
     fix = (

@@ -111,8 +111,10 @@ async def preflight(settings: Settings, encoder: Any) -> None:
         await stop_clients(producer)
     registry = schema_registry(s)
     if registry is not None:
-        await check_registry(registry)
-        await registry.close()
+        try:
+            await check_registry(registry)
+        finally:
+            await registry.close()  # (again, if check_registry closed it: a no-op)
 
 
 def _read_committed_transport() -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.deadletter import DeadLetter
 from service.messages import RecordRef
 
@@ -35,3 +37,23 @@ def test_a_bare_letter_keeps_only_our_headers_and_says_what_was_left_out() -> No
     headers = dict(letter.kafka_headers(truncated_from=1, bare=True))
     assert "a" not in headers and "b" not in headers
     assert headers["error.key.bytes"] == b"10" and headers["error.headers.dropped"] == b"2"
+
+
+async def test_no_topic_metadata_at_start_is_a_startup_error_not_a_traceback() -> None:
+    """Both runners (``run``, ``faust``) check the dead-letter topic at start: a cluster that
+    gives no metadata is a one-line error saying what to check."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import KafkaError
+
+    from service.config import load_settings
+    from service.deadletter import ensure_dead_letter_topic
+    from service.errors import StartupError
+
+    async def no_metadata() -> None:
+        raise KafkaError("Unable to get cluster metadata")
+
+    producer = SimpleNamespace(client=SimpleNamespace(fetch_all_metadata=no_metadata))
+    settings = load_settings(kafka_bootstrap_servers="broker:9092")
+    with pytest.raises(StartupError, match=r"broker:9092 gave no topic metadata .*Describe"):
+        await ensure_dead_letter_topic(settings, producer)  # type: ignore[arg-type]

@@ -26,11 +26,19 @@ from tooling.eval.report import REFERENCE_NDCG, markdown
 from tooling.eval.runner import EvalConfig, run_eval
 from tooling.eval.variants import Variant, select_variants
 
-# The shared eval data: a sibling of the checkout (../shared/eval/scifact), unless set.
-SCIFACT = Path(
-    os.environ.get("SPARSE_INGEST_EVAL_DATA")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "scifact"
-)
+
+# The shared eval data: SPARSE_INGEST_EVAL_DATA, else shared/eval/scifact beside the checkout
+# or beside a folder above it (a clone in a sub-folder of the workspace finds it too).
+def _shared_scifact() -> Path:
+    checkout = Path(__file__).resolve().parents[1]
+    for folder in checkout.parents:
+        candidate = folder / "shared" / "eval" / "scifact"
+        if candidate.is_dir():
+            return candidate
+    return checkout.parent / "shared" / "eval" / "scifact"
+
+
+SCIFACT = Path(os.environ.get("SPARSE_INGEST_EVAL_DATA") or _shared_scifact())
 LOG2_3 = math.log2(3)  # discount at rank 2
 
 # ------------------------------------------------------------------------------ metrics

@@ -221,3 +221,19 @@ def test_the_eval_command_refuses_an_unknown_name_before_anything_else(
     assert args.handler(args) == 2
     err = capsys.readouterr().err
     assert "sparse-ingest eval: no-such-set" in err and "scifact" in err
+
+
+def test_a_folder_inside_a_dataset_stays_inside_it(site: Site, tmp_path: Path) -> None:
+    """``name/sub`` (cqadupstack/android) names a folder of the fetched dataset: no '..', no
+    absolute path, and a missing one is an error naming what is there."""
+    blob = beir_zip(extra={"minibeir/android/corpus.jsonl": b""})
+    site.files["/datasets/minibeir.zip"] = blob
+    sums = {"minibeir": md5(blob)}
+    for bad in ("minibeir/../../etc", "minibeir//etc", "minibeir/./android"):
+        with pytest.raises(DatasetError, match="plain folder names"):
+            resolve_beir_dir(bad, cache=tmp_path, base_url=site.url, checksums=sums)
+    assert site.hits == {}  # refused before any download
+    folder = resolve_beir_dir("minibeir/android", cache=tmp_path, base_url=site.url, checksums=sums)
+    assert folder == tmp_path / "eval" / "minibeir" / "android"
+    with pytest.raises(DatasetError, match=r"has no folder 'gaming'.*android"):
+        resolve_beir_dir("minibeir/gaming", cache=tmp_path, base_url=site.url, checksums=sums)

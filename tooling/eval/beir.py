@@ -9,6 +9,7 @@ md5 BEIR publishes, and unpacks it into the cache (``$SPARSE_INGEST_CACHE`` or
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -160,14 +161,26 @@ def resolve_beir_dir(
     path = Path(arg).expanduser()
     if path.is_dir():
         return path
-    head, _, rest = arg.strip().strip("/").partition("/")
+    head, _, rest = arg.strip().partition("/")
     if dataset_name(head, checksums) is None:
         known = ", ".join(sorted(BEIR_MD5 if checksums is None else checksums))
         raise DatasetError(
             f"{arg}: neither a folder nor a BEIR dataset name (known names: {known})"
         )
+    parts = [p for p in rest.split("/") if p]
+    if any(p in (".", "..") for p in parts) or rest.startswith("/"):
+        raise DatasetError(
+            f"{arg}: a folder inside a dataset is named by plain folder names "
+            f"(e.g. cqadupstack/android), without '..' or a leading '/'"
+        )
     root = fetch_beir(head, cache=cache, base_url=base_url, checksums=checksums, say=say)
-    return root / rest if rest else root
+    folder = root.joinpath(*parts)
+    if not folder.is_dir():
+        inside = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DatasetError(
+            f"{arg}: {head} has no folder {'/'.join(parts)!r} (it holds: {', '.join(inside)})"
+        )
+    return folder
 
 
 def fetch_beir(
@@ -243,7 +256,7 @@ def _download(url: str, path: Path, name: str, timeout_s: float, say: Callable[[
                     say(f"   {name}: {done / 1e6:,.0f}{of} MB")
     except urllib.error.HTTPError as exc:
         raise DatasetError(f"{name}: {url}: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DatasetError(
             f"{name}: cannot download {url}: {reason} (a mirror: set {URL_ENV}; or download "
