@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,20 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encoder import EncodeStats, SparseEncoder, cpu_features, fetch_default_model  # noqa: E402
+from encoder.cpu import cpu_name  # noqa: E402
 from encoder.metadata import LONG_TEXT_MODES  # noqa: E402
 from tooling.eval.beir import load_beir  # noqa: E402
 
 MODES = ("truncate", "chunk", "passages")  # cheapest first
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 from pathlib import Path
 
 # /proc/cpuinfo flag -> feature name reported by cpu_features()
@@ -68,3 +69,14 @@ def available_cpus() -> int:
     if limit is not None:
         count = min(count, max(1, math.ceil(limit)))
     return max(1, count)
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, to go with every measured figure."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

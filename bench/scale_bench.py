@@ -1,0 +1,365 @@
+"""Scale: what ingest and search cost as one index grows (10 thousand -> 100 thousand -> 1 million).
+
+    .venv/bin/python bench/scale_bench.py ../shared/eval/scifact --sizes 10000,100000,1000000 \\
+        --es-heap 4g --out results/scale
+
+One index in the service's own mapping (the default: passages, nested ``sparse_vector``) grows
+through the sizes; after each step it reports:
+
+- ingest docs/s of the step, written by the service's sink (``ElasticsearchSink.write``: the
+  versioned bulk the write stage sends, one writer, the service's bulk settings; the time inside
+  those calls and the final refresh, not the time drawing documents), without Kafka and without
+  the encoder (encoding a million documents would take hours on 2 cores; the
+  encoder's own rate is bench/encoder_bench.py's);
+- bytes per document: the whole store, and per field (``_disk_usage``): the passages' vectors
+  against the text fields' inverted index (what BM25 alone needs);
+- query latency p50/p95/p99, one query at a time, top 10, for sparse exact, sparse with
+  Elasticsearch's query-time token pruning (``prune: true``, default pruning config), BM25 and
+  hybrid, and the share of the exact top 10 the pruned query keeps.
+
+What is real and what is drawn: the dataset's documents are encoded by the default model (their
+passages are real vectors of real text) and written first; every later document takes the text
+of a random real document (BM25 sees real words), and its passages are drawn from the measured
+distribution of the real ones: passages per document, non-zero tokens per passage, each token by
+its document frequency and each weight from that token's own measured weights. The queries are
+the dataset's test queries, encoded by the model. The report says how many documents are real.
+
+Runs a private Elasticsearch (a ``LocalStack`` named ``scale``, heap ``--es-heap``) unless
+``--es-url`` is given. Prints the table and writes ``scale.json`` and ``scale.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from elasticsearch.exceptions import GeneralAvailabilityWarning  # noqa: E402
+
+from encoder import SparseEncoder  # noqa: E402
+from encoder.cpu import cpu_name  # noqa: E402
+from encoder.passages import Passage  # noqa: E402
+from service.builder import load_encoder  # noqa: E402
+from service.config import load_settings  # noqa: E402
+from service.elastic import elasticsearch_client  # noqa: E402
+from service.messages import RecordRef, Upsert, content_hash  # noqa: E402
+from service.search import Searcher, best_passage_query, sparse_query  # noqa: E402
+from service.sink import ElasticsearchSink, IndexConfig  # noqa: E402
+from tooling.eval.beir import load_beir  # noqa: E402
+
+# _disk_usage is a technical preview: it is what measures bytes per field
+warnings.filterwarnings("ignore", category=GeneralAvailabilityWarning)
+
+TEXT_FIELDS = ("title", "body")
+PASSAGES = "passages"
+VECTOR = "tokens"
+
+
+# ----------------------------------------------------------------------------- the sampler
+@dataclass
+class PassageModel:
+    """The measured distribution of real passages, to draw realistic ones from."""
+
+    tokens: list[str]  # vocabulary seen in real passages
+    doc_freq: np.ndarray  # per token: in how many passages it appears (sampling weight)
+    weights: np.ndarray  # every measured weight, grouped by token
+    offsets: np.ndarray  # token t's weights: weights[offsets[t]:offsets[t] + counts[t]]
+    counts: np.ndarray
+    nnz: np.ndarray  # non-zeros per real passage
+    per_doc: np.ndarray  # passages per real document
+
+    def __post_init__(self) -> None:
+        self.cdf = np.cumsum(self.doc_freq) / self.doc_freq.sum()
+
+    @classmethod
+    def measure(cls, docs: Sequence[Sequence[Passage]]) -> PassageModel:
+        by_token: dict[str, list[float]] = {}
+        nnz = []
+        for passages in docs:
+            for p in passages:
+                nnz.append(len(p.vector))
+                for token, weight in p.vector.items():
+                    by_token.setdefault(token, []).append(weight)
+        tokens = sorted(by_token)
+        counts = np.array([len(by_token[t]) for t in tokens], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        weights = np.concatenate([np.array(by_token[t], dtype=np.float32) for t in tokens])
+        return cls(
+            tokens,
+            counts.astype(np.float64),
+            weights,
+            offsets,
+            counts,
+            np.array(nnz),
+            np.array([len(p) for p in docs]),
+        )
+
+    def draw(self, rng: np.random.Generator, text_len: int) -> list[Passage]:
+        """One document's passages (their offsets split ``text_len`` evenly)."""
+        n = int(rng.choice(self.per_doc))
+        out = []
+        for i in range(n):
+            want = int(rng.choice(self.nnz))
+            draws = np.searchsorted(self.cdf, rng.random(want * 2), side="right")
+            picked: np.ndarray = np.unique(np.minimum(draws, len(self.tokens) - 1))
+            rng.shuffle(picked)
+            picked = picked[:want]
+            at = self.offsets[picked] + rng.integers(0, self.counts[picked])
+            vector = {
+                self.tokens[t]: float(w) for t, w in zip(picked, self.weights[at], strict=True)
+            }
+            start, end = text_len * i // n, text_len * (i + 1) // n
+            out.append(Passage(start, end, vector))
+        return out
+
+
+# ----------------------------------------------------------------------------- measuring
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+@dataclass
+class Step:
+    docs: int
+    real_docs: int
+    ingest_docs_per_s: float
+    ingest_seconds: float
+    store_bytes_per_doc: float
+    vector_bytes_per_doc: float
+    text_bytes_per_doc: float
+    segments: int
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    pruned_top10_kept: float = float("nan")
+
+
+async def disk_usage(es: Any, index: str) -> tuple[float, float]:
+    """Bytes of the passages' vectors and of the text fields' inverted index (BM25)."""
+    # minutes at a million documents: far past the client's default request timeout
+    resp = await es.options(request_timeout=1800).indices.disk_usage(
+        index=index, run_expensive_tasks=True
+    )
+    fields = resp[index]["fields"]
+    vector = sum(v["total_in_bytes"] for k, v in fields.items() if k.endswith(f".{VECTOR}"))
+    text = sum(v["total_in_bytes"] for k, v in fields.items() if k in TEXT_FIELDS)
+    return float(vector), float(text)
+
+
+async def timed_queries(
+    es: Any, index: str, searcher: Searcher, queries: list[tuple[str, dict[str, float]]]
+) -> tuple[dict[str, dict[str, float]], float]:
+    lat: dict[str, list[float]] = {"sparse": [], "sparse_pruned": [], "bm25": [], "hybrid": []}
+    kept: list[float] = []
+    vector_path = f"{PASSAGES}.{VECTOR}"
+    for text, vector in queries:
+        exact_q = best_passage_query(
+            PASSAGES, sparse_query(vector_path, vector, True), inner_hits=False
+        )
+        pruned_inner = sparse_query(vector_path, vector, True)
+        pruned_inner["sparse_vector"]["prune"] = True
+        pruned_q = best_passage_query(PASSAGES, pruned_inner, inner_hits=False)
+        t0 = time.perf_counter()
+        exact = await es.search(index=index, query=exact_q, size=10, source=False)
+        lat["sparse"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        pruned = await es.search(index=index, query=pruned_q, size=10, source=False)
+        lat["sparse_pruned"].append(time.perf_counter() - t0)
+        exact_ids = {h["_id"] for h in exact["hits"]["hits"]}
+        if exact_ids:
+            kept.append(
+                len(exact_ids & {h["_id"] for h in pruned["hits"]["hits"]}) / len(exact_ids)
+            )
+        t0 = time.perf_counter()
+        await searcher.search("bm25", text, None, 10)
+        lat["bm25"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await searcher.search("hybrid", text, vector, 10)
+        lat["hybrid"].append(time.perf_counter() - t0)
+    table = {
+        mode: {f"p{q}": percentile(v, q) * 1000 for q in (50, 95, 99)} for mode, v in lat.items()
+    }
+    return table, statistics.fmean(kept) if kept else float("nan")
+
+
+# ----------------------------------------------------------------------------- the run
+async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
+    rng = np.random.default_rng(args.seed)
+    data = load_beir(args.dataset)
+    settings = load_settings(es_url=es_url, es_index=args.index)
+    encoder: SparseEncoder = load_encoder(settings)
+    ids = list(data.corpus)[: args.real_docs or None]
+    texts = [" ".join(t for t in data.corpus[i] if t) for i in ids]
+    print(f"encoding {len(texts):,} real documents as passages ...", flush=True)
+    t0 = time.perf_counter()
+    real = await encoder.aencode_passages(texts)
+    print(f"   {len(texts) / (time.perf_counter() - t0):.1f} docs/s", flush=True)
+    model = PassageModel.measure(real)
+    queries = [
+        (q, v)
+        for q, v in zip(
+            data.queries.values(), encoder.encode_queries(list(data.queries.values())), strict=True
+        )
+    ]
+    queries = queries[: args.queries]
+
+    es = elasticsearch_client(settings)
+    sink = ElasticsearchSink(
+        es,
+        IndexConfig(
+            index=args.index, vector_field=VECTOR, text_fields=TEXT_FIELDS,
+            refresh_interval=settings.es_refresh_interval, passage_field=PASSAGES,
+            number_of_replicas=0,
+        ),
+        model_name=str(encoder.metadata.name),
+        chunk_size=settings.es_bulk_chunk_size,
+        max_chunk_bytes=settings.es_bulk_max_bytes,
+    )  # fmt: skip
+    sink.fingerprint = "scale-bench"
+    await es.options(ignore_status=404).indices.delete(index=f"{args.index}*")
+    index = await sink.ensure_index(create=True)
+    searcher = Searcher(es, index, VECTOR, TEXT_FIELDS, passage_field=PASSAGES)
+    steps: list[Step] = []
+    written = 0
+    try:
+        for size in args.sizes:
+            t0 = time.perf_counter()
+            in_writes = 0.0  # seconds inside sink.write (drawing documents is not ingest)
+            while written < size:
+                batch = []
+                for n in range(written, min(size, written + args.batch)):
+                    if n < len(texts):
+                        text, passages = texts[n], real[n]
+                    else:
+                        text = texts[int(rng.integers(len(texts)))]
+                        passages = model.draw(rng, len(text))
+                    title, _, body = text.partition(" ")
+                    batch.append(
+                        Upsert(
+                            RecordRef("scale", 0, n, 0), f"d{n}", 1, text,
+                            {"title": title, "body": body},
+                            content_hash=content_hash(sink.fingerprint, text), passages=passages,
+                        )
+                    )  # fmt: skip
+                t1 = time.perf_counter()
+                outcome = await sink.write(batch)
+                in_writes += time.perf_counter() - t1
+                if outcome.rejected or outcome.retry:
+                    raise RuntimeError(
+                        f"writes refused: {outcome.rejected[:1]} {outcome.retry[:1]}"
+                    )
+                written += len(batch)
+            t1 = time.perf_counter()
+            await es.options(request_timeout=1800).indices.refresh(index=index)
+            in_writes += time.perf_counter() - t1
+            seconds = time.perf_counter() - t0
+            # the store as on disk (disk_usage flushes too)
+            await es.options(request_timeout=1800).indices.flush(index=index)
+            first = steps[-1].docs if steps else 0
+            stats = await es.indices.stats(index=index, metric="store,docs,segments")
+            primaries = stats["indices"][index]["primaries"]
+            vector_b, text_b = await disk_usage(es, index)
+            latency, kept = await timed_queries(es, index, searcher, queries)
+            step = Step(
+                docs=written, real_docs=min(written, len(texts)),
+                ingest_docs_per_s=(written - first) / in_writes, ingest_seconds=seconds,
+                store_bytes_per_doc=primaries["store"]["size_in_bytes"] / written,
+                vector_bytes_per_doc=vector_b / written, text_bytes_per_doc=text_b / written,
+                segments=primaries["segments"]["count"], latency_ms=latency,
+                pruned_top10_kept=kept,
+            )  # fmt: skip
+            steps.append(step)
+            print(row(step), flush=True)
+            report(args, steps, "(in progress)")
+    finally:
+        if not args.keep:
+            await es.options(ignore_status=404).indices.delete(index=index)
+        await es.close()
+    return steps
+
+
+HEADER = (
+    "| documents (real) | ingest docs/s | store B/doc | vectors B/doc | text (BM25) B/doc | "
+    "segments | sparse p50/p95/p99 ms | pruned p50/p95/p99 ms | pruned keeps of top 10 | "
+    "BM25 p50/p95/p99 ms | hybrid p50/p95/p99 ms |\n|" + "---|" * 11
+)
+
+
+def row(s: Step) -> str:
+    def lat(mode: str) -> str:
+        m = s.latency_ms[mode]
+        return f"{m['p50']:.1f} / {m['p95']:.1f} / {m['p99']:.1f}"
+
+    return (
+        f"| {s.docs:,} ({s.real_docs:,}) | {s.ingest_docs_per_s:,.0f} | "
+        f"{s.store_bytes_per_doc:,.0f} | {s.vector_bytes_per_doc:,.0f} | {s.text_bytes_per_doc:,.0f} | "
+        f"{s.segments} | {lat('sparse')} | {lat('sparse_pruned')} | {s.pruned_top10_kept:.3f} | "
+        f"{lat('bm25')} | {lat('hybrid')} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", help="a BEIR folder (its documents are the real ones)")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--real-docs", type=int, default=0, help="encode at most N (0: all)")
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=256, help="documents a bulk write")
+    parser.add_argument("--index", default="scale-bench")
+    parser.add_argument("--es-url", help="an Elasticsearch to use (else a private one)")
+    parser.add_argument("--es-heap", default="4g")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep the index")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "scale")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    started = time.perf_counter()
+    stack = None
+    es_url = args.es_url
+    if es_url is None:
+        from deploy.local import LocalStack
+
+        stack = LocalStack(name="scale", es_heap=args.es_heap)
+        es_url = stack.up(kafka=False).es_url
+    try:
+        steps = asyncio.run(run(args, es_url))
+    finally:
+        if stack is not None:
+            stack.down(remove_data=True)
+    print("\n" + report(args, steps, f"{time.perf_counter() - started:,.0f} s in all"))
+    return 0
+
+
+def report(args: argparse.Namespace, steps: list[Step], wall: str) -> str:
+    """The table so far, written to ``--out`` (after each step: a long run that is stopped
+    keeps what it measured)."""
+    cores = len(os.sched_getaffinity(0))
+    heap = "(given)" if args.es_url else args.es_heap
+    head = (
+        f"{cpu_name()}, {cores} cores; Elasticsearch heap {heap}; "
+        f"`python bench/scale_bench.py {args.dataset} --sizes {','.join(map(str, args.sizes))}`, "
+        f"{wall}"
+    )
+    text = "\n\n".join([head, "\n".join([HEADER, *(row(s) for s in steps)])])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.md").write_text(text + "\n")
+    (args.out / "scale.json").write_text(
+        json.dumps({"setup": head, "steps": [asdict(s) for s in steps]}, indent=2) + "\n"
+    )
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
