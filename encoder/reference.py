@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from encoder.checkpoint import LayerNormWeights, Linear, MaskedLMWeights
+from encoder.checkpoint import LayerNormWeights, Linear, MaskedLMWeights, TransformerConfig
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -36,13 +36,30 @@ def _norm(x: np.ndarray, ln: LayerNormWeights, eps: float) -> np.ndarray:
     return (x - mean) / np.sqrt(var + eps) * ln.gamma + ln.beta
 
 
+def position_ids(c: TransformerConfig, input_ids: np.ndarray) -> np.ndarray:
+    """[batch, seq] position ids, computed as transformers does.
+
+    BERT/DistilBERT: 0, 1, ... RoBERTa/XLM-R (``position_offset > 0``): ``padding_idx`` for
+    padding tokens, else ``padding_idx`` + the count of non-padding tokens so far
+    (``create_position_ids_from_input_ids``), padding_idx being ``position_offset - 1``.
+    """
+    b, s = input_ids.shape
+    if c.position_offset == 0:
+        return np.broadcast_to(np.arange(s), (b, s))
+    not_pad = (input_ids != c.pad_token_id).astype(np.int64)
+    return np.cumsum(not_pad, axis=1) * not_pad + (c.position_offset - 1)
+
+
 def hidden_states(
     w: MaskedLMWeights, input_ids: np.ndarray, attention_mask: np.ndarray
 ) -> np.ndarray:
     """Last encoder layer, [batch, seq, hidden] float64."""
     c = w.config
     b, s = input_ids.shape
-    x = w.word_embeddings[input_ids].astype(np.float64) + w.position_embeddings[:s]
+    x = (
+        w.word_embeddings[input_ids].astype(np.float64)
+        + w.position_embeddings[position_ids(c, input_ids)]
+    )
     if w.token_type_embedding is not None:
         x = x + w.token_type_embedding
     x = _norm(x, w.embedding_norm, c.layer_norm_eps)

