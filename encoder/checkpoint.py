@@ -4,7 +4,10 @@ Supported architectures (``ARCHITECTURES``, one entry each: how to read its conf
 weights are named): ``BertForMaskedLM`` and ``DistilBertForMaskedLM`` (the SPLADE and OpenSearch
 neural-sparse models), ``RobertaForMaskedLM`` and ``XLMRobertaForMaskedLM`` (IBM Granite sparse,
 multilingual sparse models; the same network as BERT, but position ids start after the padding
-index, ``TransformerConfig.position_offset``). Weights come from ``model.safetensors`` (F32, F16
+index, ``TransformerConfig.position_offset``), and GTE: ``NewForMaskedLM`` (Alibaba's
+``new-impl`` remote code, ``model_type: new``: OpenSearch's doc-v3-gte) and transformers' native
+``GteForMaskedLM`` (``model_type: gte``), rotary position embeddings instead of a position table,
+a gated MLP, post-LayerNorm blocks like BERT's. Weights come from ``model.safetensors`` (F32, F16
 or BF16, read by a small reader of the safetensors layout) or from ``pytorch_model.bin`` (the zip
 format that ``torch.save`` writes since PyTorch 1.6, read by a restricted unpickler that only
 accepts the few globals a plain state dict needs, so no code from the file ever runs).
@@ -17,18 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from encoder.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 Array = np.ndarray
 
@@ -59,11 +65,27 @@ class TransformerConfig:
     position_offset: int = 0
     pad_token_id: int = 0  # config.json's; what the runtime pads with
     type_vocab_size: int = 0  # rows of the token-type table (0: none, DistilBERT)
+    # Rotary position embeddings (GTE) instead of a position table: rotate-half over the whole
+    # head, angle of position p and pair i = p / rope_position_scale * rope_theta ** (-2i / head).
+    # new-impl's static NTK scaling with factor f is rope_theta = theta * f and
+    # rope_position_scale = f ** (2 / head) (``ntk_rope``); transformers' "linear" is the scale.
+    rotary: bool = False
+    rope_theta: float = 10000.0
+    rope_position_scale: float = 1.0
+    # Gated MLP (GTE): act(x @ gate.T) * (x @ up.T), LayerWeights.ffn_gate and ffn_in (= up).
+    gated_mlp: bool = False
+    # Tokens per sequence exported by default when fewer than max_length (0: max_length). GTE
+    # takes 8192 positions; 512 is what its models were trained and evaluated at.
+    default_length: int = 0
 
     @property
     def max_length(self) -> int:
         """Tokens per sequence the position table allows (special tokens included)."""
         return self.max_position_embeddings - self.position_offset
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -87,16 +109,18 @@ class LayerWeights:
     value: Linear
     attention_output: Linear
     attention_norm: LayerNormWeights
-    ffn_in: Linear
+    ffn_in: Linear  # the up projection of a gated MLP
     ffn_out: Linear
     output_norm: LayerNormWeights
+    # Gated MLP (GTE): act(x @ ffn_gate.weight.T + ffn_gate.bias) * ffn_in(x); None: act(ffn_in(x)).
+    ffn_gate: Linear | None = None
 
 
 @dataclass(frozen=True)
 class MaskedLMWeights:
     config: TransformerConfig
     word_embeddings: Array  # [vocab, hidden]
-    position_embeddings: Array  # [max_positions, hidden]
+    position_embeddings: Array | None  # [max_positions, hidden]; None: rotary (config.rotary)
     token_type_embedding: Array | None  # [hidden], the type-0 row (None: no token types)
     embedding_norm: LayerNormWeights
     layers: tuple[LayerWeights, ...]
@@ -228,6 +252,124 @@ def _roberta_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerCo
         position_offset=pad + 1,
         pad_token_id=pad,
         type_vocab_size=int(raw.get("type_vocab_size", 1)),
+    )
+
+
+# GTE's models were trained at 512 tokens (gte-base-en-v1.5 and OpenSearch's doc-v3-gte take up to
+# 8192): the export's default length, which --max-length raises.
+GTE_DEFAULT_LENGTH = 512
+
+
+def ntk_rope(theta: float, factor: float, head_size: int) -> tuple[float, float]:
+    """new-impl's static NTK RoPE scaling as (rope_theta, rope_position_scale).
+
+    ``NTKScalingRotaryEmbedding`` builds its cache for ``max_position_embeddings * factor``
+    positions, which exceeds ``max_position_embeddings`` whenever ``factor > 1``, and then uses
+    ``inv_freq = 1 / (theta * factor) ** (2i / head) / factor ** (2 / head)`` for every position,
+    short inputs included. Dividing inv_freq by a constant is dividing the positions by it.
+    With ``factor <= 1`` the cache is never rebuilt: plain RoPE."""
+    if factor > 1:
+        return theta * factor, factor ** (2 / head_size)
+    return theta, 1.0
+
+
+def _gte_shape(raw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "vocab_size": int(raw["vocab_size"]),
+        "hidden_size": int(raw["hidden_size"]),
+        "num_layers": int(raw["num_hidden_layers"]),
+        "num_heads": int(raw["num_attention_heads"]),
+        "intermediate_size": int(raw["intermediate_size"]),
+        "layer_norm_eps": float(raw.get("layer_norm_eps", 1e-12)),
+        "rotary": True,
+        "gated_mlp": True,
+    }
+
+
+def _gte_new_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
+    """NewForMaskedLM: new-impl's ``NewConfig``. ``unpad_inputs`` and
+    ``use_memory_efficient_attention`` (xformers) change how it runs, not what it computes."""
+    for key, value, supported in (
+        ("position_embedding_type", raw.get("position_embedding_type", "rope"), "rope"),
+        ("layer_norm_type", raw.get("layer_norm_type", "layer_norm"), "layer_norm"),
+        ("logn_attention_scale", bool(raw.get("logn_attention_scale", False)), False),
+    ):
+        if value != supported:
+            raise ModelError(
+                f"{path}: {key} {value!r} is not supported for {arch} (only {supported!r}, "
+                "what GTE v1.5 checkpoints use)"
+            )
+    shape = _gte_shape(raw)
+    theta = float(raw.get("rope_theta", 10000.0))
+    scale = 1.0
+    scaling = raw.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict) or scaling.get("type") != "ntk":
+            kind = scaling.get("type") if isinstance(scaling, dict) else scaling
+            raise ModelError(
+                f"{path}: rope_scaling type {kind!r} is not supported for {arch} (only 'ntk', "
+                "the one new-impl implements)"
+            )
+        if scaling.get("mixed_b") is not None:
+            raise ModelError(
+                f"{path}: rope_scaling.mixed_b (mixed NTK scaling) is not supported for {arch}; "
+                "only the fixed NTK scaling of GTE v1.5 checkpoints"
+            )
+        theta, scale = ntk_rope(
+            theta, float(scaling["factor"]), shape["hidden_size"] // shape["num_heads"]
+        )
+    positions = int(raw.get("max_position_embeddings", 2048))
+    act = _activation(path, raw.get("hidden_act", "gelu"))
+    return TransformerConfig(
+        architecture=arch,
+        max_position_embeddings=positions,
+        hidden_act=act,
+        head_act=act,  # NewLMPredictionHead: ACT2FN[config.hidden_act]
+        pad_token_id=int(raw.get("pad_token_id") or 0),
+        type_vocab_size=int(raw.get("type_vocab_size", 1)),
+        rope_theta=theta,
+        rope_position_scale=scale,
+        default_length=min(GTE_DEFAULT_LENGTH, positions),
+        **shape,
+    )
+
+
+def _gte_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
+    """GteForMaskedLM: transformers' native ``GteConfig`` (>= 5.18). RoPE settings are in
+    ``rope_parameters`` (``rope_theta``, ``rope_type`` "default" or "linear" with ``factor``), or
+    in the older top-level ``rope_theta`` / ``rope_scaling`` that transformers still reads."""
+    params = raw.get("rope_parameters")
+    key = "rope_parameters"
+    if params is None:
+        params, key = raw.get("rope_scaling") or {}, "rope_scaling"
+    if not isinstance(params, dict):
+        raise ModelError(f"{path}: {key} must be an object, not {params!r}")
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 160_000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        scale = 1.0
+    elif kind == "linear":
+        scale = float(params["factor"])
+    else:
+        raise ModelError(
+            f"{path}: {key} rope_type {kind!r} is not supported for {arch} (only 'default' and "
+            "'linear'; new-impl's NTK scaling converts to 'linear')"
+        )
+    if scale <= 0:
+        raise ModelError(f"{path}: {key} factor {scale} must be positive")
+    positions = int(raw.get("max_position_embeddings", 8192))
+    pad = raw.get("pad_token_id", 1)
+    return TransformerConfig(
+        architecture=arch,
+        max_position_embeddings=positions,
+        hidden_act=_activation(path, raw.get("hidden_act", "gelu")),
+        head_act="gelu",  # GteLMHead applies the erf gelu whatever hidden_act says
+        pad_token_id=pad if isinstance(pad, int) and pad >= 0 else 0,
+        type_vocab_size=int(raw.get("type_vocab_size", 1)),
+        rope_theta=theta,
+        rope_position_scale=scale,
+        default_length=min(GTE_DEFAULT_LENGTH, positions),
+        **_gte_shape(raw),
     )
 
 
@@ -510,6 +652,93 @@ def _roberta(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     )
 
 
+def _split_rows(path: Path, name: str, weight: Array, parts: int, rows: int) -> list[Array]:
+    if weight.shape[0] != parts * rows:
+        raise ModelError(
+            f"{path}: {name} has {weight.shape[0]} rows, config.json implies {parts} x {rows}"
+        )
+    return [weight[i * rows : (i + 1) * rows] for i in range(parts)]
+
+
+def _gte_layer(cfg: TransformerConfig, w: _Lookup, i: int) -> LayerWeights:
+    """Layer ``i`` of a GTE checkpoint in either naming.
+
+    new-impl's (``NewForMaskedLM``, and what transformers' ``GteForMaskedLM.save_pretrained``
+    writes too, its conversion mapping turning the split weights back):
+    ``encoder.layer.N.{attention.qkv_proj, attention.o_proj, attn_ln, mlp.up_gate_proj,
+    mlp.down_proj, mlp_ln}``; q | k | v are the thirds of ``qkv_proj`` (``q_proj``, ... when
+    ``pack_qkv`` was false), up | gate the halves of ``up_gate_proj`` (no bias; ``gelu(gate) *
+    up``). transformers' module names (a state dict saved without the conversion):
+    ``layers.N.{self_attn.{q,k,v,o}_proj, mlp.{up,gate,down}_proj, post_attention_layernorm,
+    post_mlp_layernorm}``.
+    """
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    zeros = np.zeros(inter, np.float32)
+    p = f"encoder.layer.{i}."
+    if not w.has(p + "attn_ln.weight"):
+        p = f"layers.{i}."
+        return LayerWeights(
+            query=w.linear(p + "self_attn.q_proj"),
+            key=w.linear(p + "self_attn.k_proj"),
+            value=w.linear(p + "self_attn.v_proj"),
+            attention_output=w.linear(p + "self_attn.o_proj"),
+            attention_norm=w.norm(p + "post_attention_layernorm"),
+            ffn_in=Linear(w.get(p + "mlp.up_proj.weight"), zeros),
+            ffn_out=w.linear(p + "mlp.down_proj"),
+            output_norm=w.norm(p + "post_mlp_layernorm"),
+            ffn_gate=Linear(w.get(p + "mlp.gate_proj.weight"), zeros),
+        )
+    if w.has(p + "attention.qkv_proj.weight"):
+        name = p + "attention.qkv_proj"
+        weights = _split_rows(w.path, name + ".weight", w.get(name + ".weight"), 3, h)
+        biases = _split_rows(w.path, name + ".bias", w.get(name + ".bias"), 3, h)
+        q, k, v = (Linear(wt, b) for wt, b in zip(weights, biases, strict=True))
+    else:
+        q, k, v = (w.linear(p + f"attention.{n}_proj") for n in "qkv")
+    name = p + "mlp.up_gate_proj.weight"
+    up, gate = _split_rows(w.path, name, w.get(name), 2, inter)
+    return LayerWeights(
+        query=q,
+        key=k,
+        value=v,
+        attention_output=w.linear(p + "attention.o_proj"),
+        attention_norm=w.norm(p + "attn_ln"),
+        ffn_in=Linear(up, zeros),
+        ffn_out=w.linear(p + "mlp.down_proj"),
+        output_norm=w.norm(p + "mlp_ln"),
+        ffn_gate=Linear(gate, zeros),
+    )
+
+
+def _gte(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
+    """NewForMaskedLM and GteForMaskedLM: the encoder under ``new.`` or ``gte.`` (layers:
+    ``_gte_layer``), the head ``lm_head.{dense, norm or layer_norm, decoder}``, the decoder
+    weight tied to the word embeddings when absent. No position table (rotary)."""
+    word = w.get("embeddings.word_embeddings.weight")
+    decoder = w.get("lm_head.decoder.weight") if w.has("lm_head.decoder.weight") else word
+    if w.has("lm_head.decoder.bias"):
+        decoder_bias = w.get("lm_head.decoder.bias")
+    else:  # what transformers loads then: _init_weights zeroes a Linear's bias
+        log.warning("%s: no lm_head.decoder.bias; using zeros, as transformers would", w.path)
+        decoder_bias = np.zeros(word.shape[0], np.float32)
+    head_norm = "lm_head.norm" if w.has("lm_head.norm.weight") else "lm_head.layer_norm"
+    return MaskedLMWeights(
+        config=cfg,
+        word_embeddings=word,
+        position_embeddings=None,
+        # row 0 of the token-type table when the config has one (gte-base-en-v1.5 has none)
+        token_type_embedding=(
+            w.get("embeddings.token_type_embeddings.weight")[0] if cfg.type_vocab_size else None
+        ),
+        embedding_norm=w.norm("embeddings.LayerNorm"),
+        layers=tuple(_gte_layer(cfg, w, i) for i in range(cfg.num_layers)),
+        head_transform=w.linear("lm_head.dense"),
+        head_norm=w.norm(head_norm),
+        decoder_weight=decoder,
+        decoder_bias=decoder_bias,
+    )
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to read one architecture: its config.json, and its weight names."""
@@ -518,6 +747,9 @@ class Architecture:
     read_config: Callable[[str, Path, dict[str, Any]], TransformerConfig]
     read_weights: Callable[[TransformerConfig, _Lookup], MaskedLMWeights]
     prefixes: tuple[str, ...]  # tried in order before each weight name ("" last: no prefix)
+    # The vocabulary may be padded past the tokenizer's (new-impl: a multiple of 64, 30528 rows
+    # for BERT's 30522 tokens): see ``padded_vocabulary``.
+    pads_vocabulary: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -529,8 +761,43 @@ ARCHITECTURES: dict[str, Architecture] = {
     "XLMRobertaForMaskedLM": Architecture(
         ("xlm-roberta",), _roberta_config, _roberta, ("roberta.", "")
     ),
+    "NewForMaskedLM": Architecture(
+        ("new",), _gte_new_config, _gte, ("new.", "gte.", ""), pads_vocabulary=True
+    ),
+    "GteForMaskedLM": Architecture(
+        ("gte",), _gte_config, _gte, ("gte.", "new.", ""), pads_vocabulary=True
+    ),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+# A padded vocabulary has fewer extra rows than this (see Architecture.pads_vocabulary).
+VOCABULARY_PADDING = 64
+
+
+def padded_vocabulary(cfg: TransformerConfig, tokens: int) -> bool:
+    """Whether the checkpoint's vocabulary is a tokenizer's of ``tokens`` entries plus padding:
+    an architecture that pads it (GTE), by fewer than 64 rows. No token has the ids of those rows:
+    no input holds them, and their logits must never be output (``drop_vocabulary_rows``)."""
+    arch = ARCHITECTURES.get(cfg.architecture)
+    return (
+        arch is not None
+        and arch.pads_vocabulary
+        and tokens < cfg.vocab_size < tokens + VOCABULARY_PADDING
+    )
+
+
+def drop_vocabulary_rows(w: MaskedLMWeights, tokens: int) -> MaskedLMWeights:
+    """The weights with the vocabulary cut to its first ``tokens`` rows (word embeddings, decoder
+    weight and bias; a tied decoder stays tied)."""
+    word = w.word_embeddings[:tokens]
+    tied = w.decoder_weight is w.word_embeddings
+    return replace(
+        w,
+        config=replace(w.config, vocab_size=tokens),
+        word_embeddings=word,
+        decoder_weight=word if tied else w.decoder_weight[:tokens],
+        decoder_bias=w.decoder_bias[:tokens],
+    )
 
 
 def load_masked_lm(folder: str | Path) -> MaskedLMWeights:
@@ -554,13 +821,27 @@ def _check_shapes(path: Path, w: MaskedLMWeights) -> None:
         "word_embeddings": (w.word_embeddings.shape, (c.vocab_size, h)),
         "decoder weight": (w.decoder_weight.shape, (c.vocab_size, h)),
         "decoder bias": (w.decoder_bias.shape, (c.vocab_size,)),
-        "position_embeddings": (w.position_embeddings.shape, (c.max_position_embeddings, h)),
         "ffn_in": (w.layers[0].ffn_in.weight.shape, (c.intermediate_size, h))
         if w.layers
         else ((), ()),
     }
+    if w.position_embeddings is not None:
+        expected["position_embeddings"] = (
+            w.position_embeddings.shape,
+            (c.max_position_embeddings, h),
+        )
+    for i, layer in enumerate(w.layers):
+        expected[f"layer {i} query"] = (layer.query.weight.shape, (h, h))
+        if layer.ffn_gate is not None:
+            expected[f"layer {i} gate"] = (layer.ffn_gate.weight.shape, (c.intermediate_size, h))
     for name, (got, want) in expected.items():
         if got != want:
             raise ModelError(f"{path}: {name} has shape {got}, config.json implies {want}")
     if h % c.num_heads:
         raise ModelError(f"{path}: hidden size {h} is not a multiple of {c.num_heads} heads")
+    if c.rotary != (w.position_embeddings is None):
+        raise ModelError(f"{path}: a position table goes with absolute positions, not rotary ones")
+    if any(c.gated_mlp != (layer.ffn_gate is not None) for layer in w.layers):
+        raise ModelError(f"{path}: gated_mlp is {c.gated_mlp}, but the layers say otherwise")
+    if c.rotary and c.head_size % 2:
+        raise ModelError(f"{path}: rotary embeddings need an even head size, not {c.head_size}")

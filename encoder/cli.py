@@ -21,7 +21,7 @@ from encoder.fetch import (
     fetch_source,
 )
 from encoder.metadata import read_metadata
-from encoder.registry import MODELS, LocalFolderSource, get_model_description
+from encoder.registry import MODELS, POOLINGS, LocalFolderSource, get_model_description
 from encoder.runtime import EncodeStats, SparseEncoder
 
 
@@ -31,8 +31,8 @@ def add_subcommands(subparsers: Any) -> None:
 
     export = model_sub.add_parser(
         "export",
-        help="export a Hugging Face masked-LM folder (BERT, DistilBERT, RoBERTa, XLM-R) to ONNX "
-        "(no PyTorch needed)",
+        help="export a Hugging Face masked-LM folder (BERT, DistilBERT, RoBERTa, XLM-R, GTE) to "
+        "ONNX (no PyTorch needed)",
     )
     export.add_argument(
         "src_dir",
@@ -69,6 +69,20 @@ def add_subcommands(subparsers: Any) -> None:
     )
     export.add_argument(
         "--no-fp32-copy", action="store_true", help="do not keep model.fp32.onnx beside the INT8"
+    )
+    export.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per window, special tokens included (default: what the model takes, 512 for "
+        "GTE, which takes up to 8192)",
+    )
+    export.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=None,
+        help="activation after the max: splade_max = log1p(relu) (default), "
+        "splade_max_log1p_log1p = log1p twice (OpenSearch v3 doc models; --model sets it)",
     )
     export.set_defaults(handler=_export)
 
@@ -126,6 +140,7 @@ def _export(args: argparse.Namespace) -> int:
                 "query_mode": desc.query_mode,
                 "license": desc.license,
                 "source": describe_source(desc, src),
+                "pooling": args.pooling or desc.pooling,
             }
         meta = export_model(
             src,
@@ -137,7 +152,8 @@ def _export(args: argparse.Namespace) -> int:
             ),
             long_text=args.long_text,
             window_overlap=args.window_overlap,
-            **({"name": args.name} | registry),
+            max_length=args.max_length,
+            **({"name": args.name, "pooling": args.pooling or "splade_max"} | registry),
         )
     except ModelError as exc:
         return _fail(exc)

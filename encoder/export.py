@@ -23,7 +23,14 @@ import onnx
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from encoder.checkpoint import MaskedLMWeights, load_masked_lm, sha256_file, weights_file
+from encoder.checkpoint import (
+    MaskedLMWeights,
+    drop_vocabulary_rows,
+    load_masked_lm,
+    padded_vocabulary,
+    sha256_file,
+    weights_file,
+)
 from encoder.errors import ModelError
 from encoder.graph import ORT_DISABLED_OPTIMIZERS, GraphOptions, build_graph
 from encoder.metadata import (
@@ -38,7 +45,7 @@ from encoder.metadata import (
     write_metadata,
 )
 from encoder.reference import splade_vectors
-from encoder.registry import QueryMode
+from encoder.registry import POOLINGS, Pooling, QueryMode
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +193,11 @@ def check_against_reference(
     tok: Tokenizer,
     max_length: int,
     tolerance: float = 1e-3,
+    pooling: Pooling = "splade_max",
 ) -> float:
     """Run the FP32 graph and the numpy reference on two probe texts; return the max difference."""
     ids, mask = _encode_probe(tok, PROBE_TEXTS[4:6], max_length, weights.config.pad_token_id)
-    ref = splade_vectors(weights, ids, mask)
+    ref = splade_vectors(weights, ids, mask, pooling)
     out = _session(model_path).run(None, {"input_ids": ids, "attention_mask": mask})[0]
     diff = float(np.abs(out - ref).max())
     if not diff <= tolerance:
@@ -215,12 +223,18 @@ def export_model(
     license: str = "",
     source: str = "",
     weights: MaskedLMWeights | None = None,
+    pooling: Pooling = "splade_max",
+    max_length: int | None = None,
 ) -> ModelMetadata:
     """Export ``src_dir`` (a Hugging Face masked-LM folder of an architecture in
     ``encoder.checkpoint.ARCHITECTURES``) into ``out_dir``.
 
     ``weights`` may be given to skip reading the checkpoint again (the benchmark uses it for
-    random models); ``src_dir`` must still hold the tokenizer.
+    random models); ``src_dir`` must still hold the tokenizer. ``pooling``: the activation after
+    the max (``encoder.registry.POOLINGS``; OpenSearch v3 doc models take log1p twice).
+    ``max_length``: tokens per window, special tokens included (default: what the model takes,
+    at most its ``default_length`` — 512 for GTE, which takes 8192 — and at most
+    tokenizer_config.json's ``model_max_length``).
     """
     src, out = Path(src_dir), Path(out_dir)
     tok_path = src / TOKENIZER_FILE
@@ -229,6 +243,8 @@ def export_model(
             f"{tok_path}: missing; the exporter needs the fast tokenizer file (tokenizer.json). "
             "Save it with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
         )
+    if pooling not in POOLINGS:
+        raise ModelError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     weights_given = weights is not None
     if weights is None:
         weights = load_masked_lm(src)
@@ -237,12 +253,25 @@ def export_model(
     _check_pad_token(src, tok, cfg.pad_token_id)
     tok.no_padding()
     tok.no_truncation()
-    if tok.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
+    tokens = tok.get_vocab_size(with_added_tokens=True)
+    vocabulary_note = ""
+    if padded_vocabulary(cfg, tokens):  # rows no token has: their columns are never output
+        vocabulary_note = (
+            f"; vocabulary {cfg.vocab_size} -> {tokens} (rows past the tokenizer's dropped)"
+        )
+        weights = drop_vocabulary_rows(weights, tokens)
+        cfg = weights.config
+    if tokens != cfg.vocab_size:
         raise ModelError(
-            f"{src}: tokenizer.json has {tok.get_vocab_size(with_added_tokens=True)} tokens but the "
+            f"{src}: tokenizer.json has {tokens} tokens but the "
             f"model's vocabulary is {cfg.vocab_size}; use the tokenizer saved with this checkpoint"
         )
-    max_length = _max_length(src, cfg.max_length)
+    if max_length is None:
+        max_length = _max_length(src, cfg.default_length or cfg.max_length)
+    elif not 16 <= max_length <= cfg.max_length:
+        raise ModelError(
+            f"max_length {max_length}: the model takes 16 to {cfg.max_length} tokens per window"
+        )
     if window_overlap is None:  # 64, or a quarter of a short model's window
         window_overlap = min(DEFAULT_WINDOW_OVERLAP, max_length // 4)
     if not 0 <= window_overlap < max_length // 2:
@@ -252,8 +281,10 @@ def export_model(
     gopts = graph_options or GraphOptions()
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         fp32_path = Path(tmp) / FP32_MODEL_FILE
-        onnx.save(build_graph(weights, gopts), str(fp32_path))
-        diff = check_against_reference(weights, fp32_path, tok, max_length)
+        onnx.save(
+            build_graph(weights, gopts, max_length=max_length, pooling=pooling), str(fp32_path)
+        )
+        diff = check_against_reference(weights, fp32_path, tok, max_length, pooling=pooling)
         log.info("FP32 graph matches the numpy reference (max difference %.2g)", diff)
         fidelity = None
         if quantize == "int8":
@@ -299,6 +330,7 @@ def export_model(
         max_length=max_length,
         pad_token_id=cfg.pad_token_id,
         quantization=quant,
+        pooling=pooling,
         long_text=long_text,
         window_overlap=window_overlap,
         query_mode=query_mode,
@@ -306,7 +338,7 @@ def export_model(
         source=source or str(src),
         source_checksums=checksums,
         exporter_version=EXPORTER_VERSION,
-        graph=gopts.describe(),
+        graph=gopts.describe() + vocabulary_note,
         files=files,
         fidelity=fidelity,
     )

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from encoder.checkpoint import read_config, sha256_file
+from encoder.checkpoint import padded_vocabulary, read_config, sha256_file
 from encoder.errors import ModelError
 from encoder.export import EXPORTER_VERSION, export_model
 from encoder.metadata import METADATA_FILE, MODEL_FILE, read_metadata
@@ -159,7 +159,9 @@ def _local_source(desc: ModelDescription, source: LocalFolderSource, folder: Pat
             "(pip install huggingface_hub for the `hf` command), then run this again"
         )
     cfg = read_config(folder)
-    got = (cfg.architecture, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+    # the registry gives the tokenizer's vocabulary; a GTE checkpoint may pad its own (30528)
+    vocab = desc.vocab_size if padded_vocabulary(cfg, desc.vocab_size) else cfg.vocab_size
+    got = (cfg.architecture, vocab, cfg.hidden_size, cfg.num_layers)
     want = (desc.architecture, desc.vocab_size, desc.hidden_size, desc.num_layers)
     if got != want:
         raise ModelError(
@@ -202,6 +204,7 @@ def fetch_model(name: str, dest: Path | None = None, src_dir: Path | None = None
             query_mode=desc.query_mode,
             license=desc.license,
             source=describe_source(desc, src_dir),
+            pooling=desc.pooling,
         )
         if _is_current(dest, desc, src_dir if local else None):  # another process finished first
             return dest

@@ -8,9 +8,16 @@ right-padded row position ``pad_token_id + 1 + i``): the graph slices the table 
 positions get positions too, but they are masked out of attention and pooling, so their rows never
 matter. Output: ``sparse_weights`` [batch, vocab] float32.
 
+GTE has no position table: rotary embeddings (the ``RotaryEmbedding`` op, opset 23, rotate-half)
+turn the queries and keys of every layer, from cos/sin tables of ``max_length`` rows computed here
+and stored as constants (the position ids 0..seq-1 are a slice of a constant range, like the
+position table's rows); its MLP is gated (one MatMul for up and gate, ``Split``, ``Gelu(gate) *
+up``). The token-type row 0 is folded into the word embeddings' table instead.
+
 The SPLADE head is fused with the exact pooling rewrite: padded positions take the [CLS] hidden
 state (so they never win the max), the vocabulary MatMul runs without its bias, a ReduceMax goes
-over the sequence, and the bias, relu and log1p run on [batch, vocab] only. The vocabulary MatMul is
+over the sequence, and the bias, relu and log1p run on [batch, vocab] only (log1p twice for the
+``splade_max_log1p_log1p`` pooling of OpenSearch's v3 models). The vocabulary MatMul is
 split into ``vocab_chunks`` column blocks so that the [batch, seq, vocab] product never exists whole
 (1 GB for 32 x 256 tokens on a 30522 vocabulary).
 
@@ -33,7 +40,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from encoder.checkpoint import LayerNormWeights, LayerWeights, MaskedLMWeights
+from encoder.checkpoint import LayerNormWeights, LayerWeights, MaskedLMWeights, TransformerConfig
+from encoder.registry import POOLINGS, Pooling
 
 OPSET = 23  # the Attention op (23); Gelu (20); onnxruntime >= 1.23 runs it on the CPU
 IR_VERSION = 10
@@ -189,59 +197,165 @@ def _residual_norm(
 
 
 def _plain_attention(
-    g: _Builder, x: str, layer: LayerWeights, nh: int, mask_bias: str, p: str
+    g: _Builder,
+    x: str,
+    layer: LayerWeights,
+    nh: int,
+    mask_bias: str,
+    p: str,
+    rope: _Rope | None = None,
 ) -> str:
     """Self-attention from standard ops (the 1/sqrt(head) scale is folded into the query)."""
     hidden = layer.query.weight.shape[0]
     hd = hidden // nh
     scale = 1.0 / math.sqrt(hd)
 
-    def heads(lin_w: np.ndarray, lin_b: np.ndarray, hint: str, perm: list[int]) -> str:
+    def heads(
+        lin_w: np.ndarray, lin_b: np.ndarray, hint: str, perm: list[int], rotate: bool = False
+    ) -> str:
         y = g.op("Add", [_dense(g, x, lin_w, hint), g.const(f"{hint}.bias", _f32(lin_b))])
+        if rotate and rope is not None:  # a rotation commutes with the query's scale
+            y = rope.apply(g, y, hint)
         y = g.op("Reshape", [y, g.const("shape_heads", np.array([0, 0, nh, hd], np.int64))])
         return g.op("Transpose", [y], perm=perm)
 
-    q = heads(layer.query.weight * scale, layer.query.bias * scale, f"{p}.q", [0, 2, 1, 3])
-    k = heads(layer.key.weight, layer.key.bias, f"{p}.k", [0, 2, 3, 1])
+    q = heads(layer.query.weight * scale, layer.query.bias * scale, f"{p}.q", [0, 2, 1, 3], True)
+    k = heads(layer.key.weight, layer.key.bias, f"{p}.k", [0, 2, 3, 1], True)
     v = heads(layer.value.weight, layer.value.bias, f"{p}.v", [0, 2, 1, 3])
     probs = g.op("Softmax", [g.op("Add", [g.op("MatMul", [q, k]), mask_bias])], axis=-1)
     ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
     return g.op("Reshape", [ctx, g.const("shape_hidden", np.array([0, 0, hidden], np.int64))])
 
 
-def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx.ModelProto:
+def rope_tables(c: TransformerConfig, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [rows, head / 2] float32 of positions 0..rows-1 (computed in float64): the
+    angle of position p and pair i is p / rope_position_scale * rope_theta ** (-2i / head). The
+    rotate-half layout repeats them over both halves of the head, which the op does itself."""
+    hd = c.head_size
+    inv_freq = c.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.outer(np.arange(rows, dtype=np.float64) / c.rope_position_scale, inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Rope:
+    cos: str
+    sin: str
+    position_ids: str
+    num_heads: int
+
+    def apply(self, g: _Builder, x: str, hint: str) -> str:
+        """Rotate [batch, seq, hidden] queries or keys, head by head (rotate-half layout)."""
+        return g.op(
+            "RotaryEmbedding",
+            [x, self.cos, self.sin, self.position_ids],
+            hint=f"{hint}.rope",
+            num_heads=self.num_heads,
+            interleaved=0,
+        )
+
+
+def _gated_mlp(g: _Builder, x: str, layer: LayerWeights, act: str, p: str) -> str:
+    """act(x @ gate) * (x @ up): one MatMul over [up | gate], Split, activation, Mul."""
+    assert layer.ffn_gate is not None
+    up, gate = layer.ffn_in, layer.ffn_gate
+    inter = up.weight.shape[0]
+    y = _dense(g, x, np.concatenate([up.weight, gate.weight]), f"{p}.ffn_in")
+    bias = np.concatenate([up.bias, gate.bias])
+    if np.any(bias):  # GTE has none
+        y = g.op("Add", [y, g.const(f"{p}.ffn_in.bias", _f32(bias))])
+    halves = g.const(f"{p}.ffn_split", np.array([inter, inter], np.int64))
+    up_out, gate_out = g.name(f"{p}.ffn_up"), g.name(f"{p}.ffn_gate")
+    g.nodes.append(
+        helper.make_node("Split", [y, halves], [up_out, gate_out], name=f"{up_out}.node", axis=-1)
+    )
+    if act == "relu":
+        gated = g.op("Relu", [gate_out])
+    else:
+        approximate = "none" if act == "gelu" else "tanh"
+        gated = g.op("Gelu", [gate_out], hint=f"{p}.ffn_gate.gelu", approximate=approximate)
+    return g.op("Mul", [gated, up_out], hint=f"{p}.ffn_gated")
+
+
+def build_graph(
+    w: MaskedLMWeights,
+    options: GraphOptions | None = None,
+    *,
+    max_length: int | None = None,
+    pooling: Pooling = "splade_max",
+) -> onnx.ModelProto:
+    """The ONNX graph of ``w``. ``max_length``: rows of the rotary tables (GTE; default the
+    config's ``default_length``, else ``max_length``); a position table is always whole.
+    ``pooling``: the SPLADE activation after the max (``encoder.registry.POOLINGS``)."""
     opts = options or GraphOptions()
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     c = w.config
     g = _Builder()
     nh = c.num_heads
     eps = c.layer_norm_eps
+    if c.rotary and opts.attention == "attention":
+        raise ValueError(
+            "rotary embeddings need the queries and keys outside the attention op: use "
+            "attention='onnx', 'mha' or 'plain', not com.microsoft Attention"
+        )
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
     ]
 
-    # Embeddings: word + position (+ token type) -> LayerNorm.
-    word = g.op(
-        "Gather",
-        [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"],
-        hint="word_embeddings.gather",
-    )
-    pos_table = _f32(w.position_embeddings[c.position_offset :])  # row 0: the first token
-    if w.token_type_embedding is not None:  # single segment: type 0 everywhere
-        pos_table = pos_table + _f32(w.token_type_embedding)
-    seq_len = g.op("Shape", ["input_ids"], hint="seq_len", start=1, end=2)
-    positions = g.op(
-        "Slice",
-        [
-            g.const("pos_table", pos_table),
-            g.const("zero", np.array([0], np.int64)),
-            seq_len,
-            g.const("axis0", np.array([0], np.int64)),
-        ],
-        hint="positions",
-    )
-    emb = g.op("Add", [word, positions])
+    rope: _Rope | None = None
+    if w.position_embeddings is None:
+        # Rotary (GTE): word (+ token type 0, folded into the table) -> LayerNorm; the positions
+        # turn the queries and keys of every layer.
+        table = _f32(w.word_embeddings)
+        if w.token_type_embedding is not None:
+            table = table + _f32(w.token_type_embedding)
+        emb = g.op(
+            "Gather",
+            [g.const("word_embeddings", table), "input_ids"],
+            hint="word_embeddings.gather",
+        )
+        seq_len = g.op("Shape", ["input_ids"], hint="seq_len", start=1, end=2)
+        rows = max_length or c.default_length or c.max_length
+        cos, sin = rope_tables(c, rows)
+        positions = g.op(
+            "Slice",
+            [
+                g.const("position_range", np.arange(rows, dtype=np.int64)),
+                g.const("zero", np.array([0], np.int64)),
+                seq_len,
+                g.const("axis0", np.array([0], np.int64)),
+            ],
+            hint="positions",
+        )
+        position_ids = g.op(
+            "Expand", [positions, g.op("Shape", ["input_ids"])], hint="position_ids"
+        )
+        rope = _Rope(g.const("rope.cos", cos), g.const("rope.sin", sin), position_ids, nh)
+    else:
+        # Embeddings: word + position (+ token type) -> LayerNorm.
+        word = g.op(
+            "Gather",
+            [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"],
+            hint="word_embeddings.gather",
+        )
+        pos_table = _f32(w.position_embeddings[c.position_offset :])  # row 0: the first token
+        if w.token_type_embedding is not None:  # single segment: type 0 everywhere
+            pos_table = pos_table + _f32(w.token_type_embedding)
+        seq_len = g.op("Shape", ["input_ids"], hint="seq_len", start=1, end=2)
+        positions = g.op(
+            "Slice",
+            [
+                g.const("pos_table", pos_table),
+                g.const("zero", np.array([0], np.int64)),
+                seq_len,
+                g.const("axis0", np.array([0], np.int64)),
+            ],
+            hint="positions",
+        )
+        emb = g.op("Add", [word, positions])
     x = _layer_norm(g, emb, w.embedding_norm, eps, "embeddings.norm")
 
     if opts.attention == "onnx":
@@ -295,6 +409,26 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
                 domain=MS_DOMAIN,
                 num_heads=nh,
             )
+        elif opts.attention == "mha" and rope is not None:
+            # the biases go in before the rotation, so not into the op
+            q, k, v = (
+                g.op(
+                    "Add",
+                    [
+                        _dense(g, x, lin.weight, f"{p}.{n}"),
+                        g.const(f"{p}.{n}.bias", _f32(lin.bias)),
+                    ],
+                )
+                for n, lin in (("q", layer.query), ("k", layer.key), ("v", layer.value))
+            )
+            q, k = rope.apply(g, q, f"{p}.q"), rope.apply(g, k, f"{p}.k")
+            ctx = g.op(
+                "MultiHeadAttention",
+                [q, k, v, "", mask_i32],
+                hint=f"{p}.ctx",
+                domain=MS_DOMAIN,
+                num_heads=nh,
+            )
         elif opts.attention == "mha":
             q = _dense(g, x, layer.query.weight, f"{p}.q")
             k = _dense(g, x, layer.key.weight, f"{p}.k")
@@ -318,11 +452,13 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
                 )
                 for n, lin in (("q", layer.query), ("k", layer.key), ("v", layer.value))
             )
+            if rope is not None:
+                q, k = rope.apply(g, q, f"{p}.q"), rope.apply(g, k, f"{p}.k")
             ctx = g.op(
                 "Attention", [q, k, v, attn_mask], hint=f"{p}.ctx", q_num_heads=nh, kv_num_heads=nh
             )
         else:
-            ctx = _plain_attention(g, x, layer, nh, mask_bias, p)
+            ctx = _plain_attention(g, x, layer, nh, mask_bias, p, rope)
         attn = _dense(g, ctx, layer.attention_output.weight, f"{p}.attn_out")
         x = _residual_norm(
             g,
@@ -334,14 +470,17 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
             opts.skip_layernorm,
             f"{p}.attn_norm",
         )
-        ff = _bias_act(
-            g,
-            _dense(g, x, layer.ffn_in.weight, f"{p}.ffn_in"),
-            layer.ffn_in.bias,
-            c.hidden_act,
-            opts.bias_gelu,
-            f"{p}.ffn_in",
-        )
+        if layer.ffn_gate is not None:
+            ff = _gated_mlp(g, x, layer, c.hidden_act, p)
+        else:
+            ff = _bias_act(
+                g,
+                _dense(g, x, layer.ffn_in.weight, f"{p}.ffn_in"),
+                layer.ffn_in.bias,
+                c.hidden_act,
+                opts.bias_gelu,
+                f"{p}.ffn_in",
+            )
         ff = _dense(g, ff, layer.ffn_out.weight, f"{p}.ffn_out")
         x = _residual_norm(
             g,
@@ -420,6 +559,8 @@ def build_graph(w: MaskedLMWeights, options: GraphOptions | None = None) -> onnx
         pooled = maxima[0] if n_chunks == 1 else g.op("Concat", maxima, axis=1)
         pooled = g.op("Add", [pooled, g.const("decoder.bias", _f32(w.decoder_bias))])
         pooled = g.op("Add", [g.op("Relu", [pooled]), g.const("one", np.float32(1.0))])
+        if pooling == "splade_max_log1p_log1p":  # log1p(log1p(relu(x)))
+            pooled = g.op("Add", [g.op("Log", [pooled]), g.const("one", np.float32(1.0))])
         g.nodes.append(helper.make_node("Log", [pooled], [OUTPUT_NAME], name="n_log1p"))
         outputs = [
             helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", c.vocab_size])

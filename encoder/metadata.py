@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from encoder.errors import ModelError
-from encoder.registry import QueryMode
+from encoder.registry import Pooling, QueryMode
 
 METADATA_FILE = "sparse_model.json"
 MODEL_FILE = "model.onnx"
@@ -63,7 +63,9 @@ class ModelMetadata:
     intermediate_size: int
     max_length: int
     quantization: QuantizationInfo
-    pooling: str = "splade_max"
+    # the activation after the max over positions (encoder.registry.POOLINGS): log1p(relu), or
+    # log1p twice (OpenSearch v3 doc models)
+    pooling: Pooling = "splade_max"
     long_text: LongTextMode = "chunk"
     window_overlap: int = 64
     # tokens per window (truncate, chunk, passages), special tokens not counted; 0: as many as

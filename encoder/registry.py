@@ -18,6 +18,15 @@ QueryMode = Literal["model", "idf", "tokenizer"]
 - ``tokenizer``: inference-free; every query token weighs 1.0.
 """
 
+Pooling = Literal["splade_max", "splade_max_log1p_log1p"]
+"""What a document's weights are: the max over its positions of the masked-LM logits, then
+
+- ``splade_max``: ``log1p(relu(x))`` (SPLADE; OpenSearch v1/v2 models);
+- ``splade_max_log1p_log1p``: ``log1p(log1p(relu(x)))`` (OpenSearch v3 doc models, e.g.
+  doc-v3-gte: Sentence Transformers' ``SpladePooling(activation_function="log1p_relu")``).
+"""
+POOLINGS: tuple[Pooling, ...] = ("splade_max", "splade_max_log1p_log1p")
+
 
 @dataclass(frozen=True)
 class PyPIWheelSource:
@@ -65,6 +74,7 @@ class ModelDescription:
     license: str
     query_mode: QueryMode = "model"
     homepage: str = ""
+    pooling: Pooling = "splade_max"
 
 
 SPLADE_TINY_MSMARCO = ModelDescription(
@@ -103,8 +113,35 @@ GRANITE_EMBEDDING_30M_SPARSE = ModelDescription(
     homepage="https://huggingface.co/ibm-granite/granite-embedding-30m-sparse",
 )
 
+OPENSEARCH_DOC_V3_GTE = ModelDescription(
+    name="opensearch-neural-sparse-encoding-doc-v3-gte",
+    description="OpenSearch neural sparse doc-v3-gte (English): GTE (new-impl NewForMaskedLM: "
+    "rotary positions, gated MLP), 12 layers, hidden 768, BERT WordPiece vocabulary 30522 "
+    "(the checkpoint may pad it to 30528); documents log1p(log1p(relu)) of the max, queries "
+    "inference-free (idf.json); exported at 512 tokens",
+    source=LocalFolderSource(
+        hf_id="opensearch-project/opensearch-neural-sparse-encoding-doc-v3-gte"
+    ),
+    files=(
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "idf.json",
+    ),
+    architecture="NewForMaskedLM",
+    vocab_size=30522,  # the tokenizer's; config.json's may be padded (checkpoint.padded_vocabulary)
+    hidden_size=768,
+    num_layers=12,
+    max_length=512,
+    license="Apache-2.0",
+    query_mode="idf",
+    homepage="https://huggingface.co/opensearch-project/opensearch-neural-sparse-encoding-doc-v3-gte",
+    pooling="splade_max_log1p_log1p",
+)
+
 MODELS: dict[str, ModelDescription] = {
-    m.name: m for m in (SPLADE_TINY_MSMARCO, GRANITE_EMBEDDING_30M_SPARSE)
+    m.name: m for m in (SPLADE_TINY_MSMARCO, GRANITE_EMBEDDING_30M_SPARSE, OPENSEARCH_DOC_V3_GTE)
 }
 DEFAULT_MODEL_NAME = SPLADE_TINY_MSMARCO.name
 

@@ -38,6 +38,7 @@ from encoder.metadata import (
 )
 from encoder.passages import Passage, passage_spans
 from encoder.pooling import WindowMerger
+from encoder.registry import POOLINGS
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,11 @@ class SparseEncoder:
                 f"{model_dir}: architecture {meta.architecture!r} is not supported "
                 f"({', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        if meta.pooling != "splade_max":
-            raise ModelError(f"{model_dir}: pooling {meta.pooling!r} is not supported (splade_max)")
+        if meta.pooling not in POOLINGS:  # the graph pools; an unknown kind is a newer export
+            raise ModelError(
+                f"{model_dir}: pooling {meta.pooling!r} is not supported ({', '.join(POOLINGS)}); "
+                "upgrade sparse-ingest or export the model again"
+            )
         if long_text is not None:
             if long_text not in LONG_TEXT_MODES:
                 raise ValueError(
