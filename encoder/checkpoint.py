@@ -24,6 +24,7 @@ import logging
 import pickle
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -64,6 +65,8 @@ class TransformerConfig:
     # right-padded row sits at pad_token_id + 1 + i), so a 514-row table takes 512 tokens.
     position_offset: int = 0
     pad_token_id: int = 0  # config.json's; what the runtime pads with
+    # config.json's tie_word_embeddings: False needs the decoder weight in the file
+    tie_word_embeddings: bool = True
     type_vocab_size: int = 0  # rows of the token-type table (0: none, DistilBERT)
     # Rotary position embeddings (GTE) instead of a position table: rotate-half over the whole
     # head, angle of position p and pair i = p / rope_position_scale * rope_theta ** (-2i / head).
@@ -162,8 +165,12 @@ def read_config(folder: Path) -> TransformerConfig:
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: not a JSON object; is this a Hugging Face config.json?")
     archs = raw.get("architectures") or []
+    if isinstance(archs, str):  # one name, not a list: transformers would take it as one
+        archs = [archs]
+    if not isinstance(archs, list):
+        raise ModelError(f"{path}: architectures must be a list of names, not {archs!r}")
     model_type = raw.get("model_type", "")
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    arch = next((a for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
     if arch is None and not archs:
         arch = next(
             (a for a, spec in ARCHITECTURES.items() if model_type in spec.model_types), None
@@ -179,12 +186,71 @@ def read_config(folder: Path) -> TransformerConfig:
         raise ModelError(f"{path}: missing key {exc} for {arch}") from exc
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{path}: a setting of {arch} has the wrong type ({exc})") from exc
+    _check_config(path, cfg)
+    return cfg
+
+
+def _check_config(path: Path, cfg: TransformerConfig) -> None:
+    """Sizes that make a network at all, and a padding id inside the vocabulary."""
+    for key, value, least in (
+        ("vocab_size", cfg.vocab_size, 1),
+        ("hidden_size", cfg.hidden_size, 1),
+        ("num_attention_heads", cfg.num_heads, 1),
+        ("intermediate_size", cfg.intermediate_size, 1),
+        ("num_hidden_layers", cfg.num_layers, 0),
+    ):
+        if value < least:
+            raise ModelError(f"{path}: {key} is {value}; {cfg.architecture} needs at least {least}")
+    _check_heads(path, cfg.hidden_size, cfg.num_heads)
+    if not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise ModelError(
+            f"{path}: pad_token_id {cfg.pad_token_id} is outside the vocabulary (0 to "
+            f"{cfg.vocab_size - 1}); set config.json's pad_token_id to the id of the tokenizer's "
+            "padding token"
+        )
     if cfg.max_length < 1:
         raise ModelError(
             f"{path}: max_position_embeddings {cfg.max_position_embeddings} leaves no position "
             f"after the first one ({cfg.position_offset})"
         )
-    return cfg
+
+
+def _check_heads(path: Path, hidden: int, heads: int) -> None:
+    if heads < 1 or hidden % heads:
+        raise ModelError(
+            f"{path}: num_attention_heads {heads} does not divide hidden_size {hidden}; "
+            "config.json does not describe these weights"
+        )
+
+
+def _pad_token_id(
+    path: Path, arch: str, raw: dict[str, Any], default: int, null: int | None
+) -> int:
+    """config.json's ``pad_token_id``: an int >= 0 (the vocabulary bound is checked with the
+    whole config, ``_check_config``); ``default`` when absent, ``null`` when null (None: null
+    is an error, RoBERTa's positions count from it)."""
+    pad = raw.get("pad_token_id", default)
+    if pad is None and null is not None:
+        pad = null
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        why = (
+            f"; {arch} counts positions from it (position of token i = pad_token_id + 1 + i)"
+            if null is None
+            else ""
+        )
+        usually = ", usually 1 (<pad>)" if null is None else ""
+        raise ModelError(
+            f"{path}: pad_token_id is {pad!r}, not a token id{why}: set config.json's "
+            f"pad_token_id to the id of the tokenizer's padding token{usually}"
+        )
+    return pad
+
+
+def _tied(path: Path, raw: dict[str, Any]) -> bool:
+    tie = raw.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise ModelError(f"{path}: tie_word_embeddings must be true or false, not {tie!r}")
+    return tie
 
 
 def _bert_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
@@ -200,8 +266,9 @@ def _bert_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfi
         layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
         hidden_act=act,
         head_act=act,  # BertPredictionHeadTransform uses config.hidden_act
-        pad_token_id=int(raw.get("pad_token_id") or 0),
+        pad_token_id=_pad_token_id(path, arch, raw, 0, 0),
         type_vocab_size=int(raw.get("type_vocab_size", 2)),
+        tie_word_embeddings=_tied(path, raw),
     )
 
 
@@ -218,40 +285,58 @@ def _distilbert_config(arch: str, path: Path, raw: dict[str, Any]) -> Transforme
         layer_norm_eps=1e-12,
         hidden_act=act,
         head_act=act,
-        pad_token_id=int(raw.get("pad_token_id") or 0),
+        pad_token_id=_pad_token_id(path, arch, raw, 0, 0),
         type_vocab_size=0,
+        tie_word_embeddings=_tied(path, raw),
     )
 
 
+def _shape(raw: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The sizes of a BERT-shaped config, absent keys taking the defaults of transformers' config
+    classes (BERT-base's, but for the vocabulary: ``vocab_size``); the weights' shapes are
+    checked against them."""
+    return {
+        "vocab_size": int(raw.get("vocab_size", vocab_size)),
+        "hidden_size": int(raw.get("hidden_size", 768)),
+        "num_layers": int(raw.get("num_hidden_layers", 12)),
+        "num_heads": int(raw.get("num_attention_heads", 12)),
+        "intermediate_size": int(raw.get("intermediate_size", 3072)),
+    }
+
+
+# transformers' default vocabulary sizes of the config classes (RobertaConfig, XLMRobertaConfig,
+# new-impl's NewConfig, GteConfig): what a config.json without vocab_size means.
+_DEFAULT_VOCABULARY = {
+    "RobertaForMaskedLM": 50265,
+    "XLMRobertaForMaskedLM": 30522,
+    "NewForMaskedLM": 30528,
+    "GteForMaskedLM": 250048,
+}
+
+
 def _roberta_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig:
-    """RobertaForMaskedLM and XLMRobertaForMaskedLM (one config class layout)."""
+    """RobertaForMaskedLM and XLMRobertaForMaskedLM (one config class layout). An absent key
+    takes transformers' default (RobertaConfig and XLMRobertaConfig have the same but for the
+    vocabulary): 512 positions, LayerNorm epsilon 1e-12, two token types, padding id 1. Real
+    checkpoints set 514 and 1e-5."""
     kind = raw.get("position_embedding_type", "absolute")
     if kind != "absolute":
         raise ModelError(
             f"{path}: position_embedding_type {kind!r} is not supported for {arch} "
             "(only 'absolute', the default of RoBERTa and XLM-R checkpoints)"
         )
-    pad = raw.get("pad_token_id", 1)
-    if not isinstance(pad, int) or pad < 0:
-        raise ModelError(
-            f"{path}: pad_token_id is {pad!r}; {arch} counts positions from it (position of "
-            "token i = pad_token_id + 1 + i): set it to the id of the tokenizer's padding token, "
-            "usually 1 (<pad>)"
-        )
+    pad = _pad_token_id(path, arch, raw, 1, None)
     return TransformerConfig(
         architecture=arch,
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
-        num_heads=int(raw["num_attention_heads"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 514)),
-        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
         hidden_act=_activation(path, raw.get("hidden_act", "gelu")),
         head_act="gelu",  # RobertaLMHead applies the erf gelu whatever hidden_act says
         position_offset=pad + 1,
         pad_token_id=pad,
-        type_vocab_size=int(raw.get("type_vocab_size", 1)),
+        type_vocab_size=int(raw.get("type_vocab_size", 2)),
+        tie_word_embeddings=_tied(path, raw),
+        **_shape(raw, _DEFAULT_VOCABULARY[arch]),
     )
 
 
@@ -273,14 +358,14 @@ def ntk_rope(theta: float, factor: float, head_size: int) -> tuple[float, float]
     return theta, 1.0
 
 
-def _gte_shape(raw: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "vocab_size": int(raw["vocab_size"]),
-        "hidden_size": int(raw["hidden_size"]),
-        "num_layers": int(raw["num_hidden_layers"]),
-        "num_heads": int(raw["num_attention_heads"]),
-        "intermediate_size": int(raw["intermediate_size"]),
+def _gte_shape(path: Path, arch: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The sizes and common settings of both GTE configs; absent keys take the defaults of
+    NewConfig and GteConfig (the same but for the vocabulary)."""
+    shape = _shape(raw, _DEFAULT_VOCABULARY[arch])
+    _check_heads(path, shape["hidden_size"], shape["num_heads"])
+    return shape | {
         "layer_norm_eps": float(raw.get("layer_norm_eps", 1e-12)),
+        "tie_word_embeddings": _tied(path, raw),
         "rotary": True,
         "gated_mlp": True,
     }
@@ -299,7 +384,7 @@ def _gte_new_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerCo
                 f"{path}: {key} {value!r} is not supported for {arch} (only {supported!r}, "
                 "what GTE v1.5 checkpoints use)"
             )
-    shape = _gte_shape(raw)
+    shape = _gte_shape(path, arch, raw)
     theta = float(raw.get("rope_theta", 10000.0))
     scale = 1.0
     scaling = raw.get("rope_scaling")
@@ -325,7 +410,8 @@ def _gte_new_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerCo
         max_position_embeddings=positions,
         hidden_act=act,
         head_act=act,  # NewLMPredictionHead: ACT2FN[config.hidden_act]
-        pad_token_id=int(raw.get("pad_token_id") or 0),
+        # NewConfig leaves it to PretrainedConfig (None): 0, what its BERT tokenizer pads with
+        pad_token_id=_pad_token_id(path, arch, raw, 0, 0),
         type_vocab_size=int(raw.get("type_vocab_size", 1)),
         rope_theta=theta,
         rope_position_scale=scale,
@@ -358,18 +444,17 @@ def _gte_config(arch: str, path: Path, raw: dict[str, Any]) -> TransformerConfig
     if scale <= 0:
         raise ModelError(f"{path}: {key} factor {scale} must be positive")
     positions = int(raw.get("max_position_embeddings", 8192))
-    pad = raw.get("pad_token_id", 1)
     return TransformerConfig(
         architecture=arch,
         max_position_embeddings=positions,
         hidden_act=_activation(path, raw.get("hidden_act", "gelu")),
         head_act="gelu",  # GteLMHead applies the erf gelu whatever hidden_act says
-        pad_token_id=pad if isinstance(pad, int) and pad >= 0 else 0,
+        pad_token_id=_pad_token_id(path, arch, raw, 1, 0),  # GteConfig's default: 1
         type_vocab_size=int(raw.get("type_vocab_size", 1)),
         rope_theta=theta,
         rope_position_scale=scale,
         default_length=min(GTE_DEFAULT_LENGTH, positions),
-        **_gte_shape(raw),
+        **_gte_shape(path, arch, raw),
     )
 
 
@@ -388,27 +473,57 @@ _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "
 
 
 def read_safetensors(path: Path) -> dict[str, Array]:
-    """Read a safetensors file as float32/int numpy arrays (BF16 and F16 become float32)."""
+    """Read a safetensors file as float32/int numpy arrays (BF16 and F16 become float32).
+    A header that is not the safetensors layout, or a tensor whose bytes are not all in the
+    file (a truncated download), is a ModelError naming the file."""
     data = path.read_bytes()
     try:
+        if len(data) < 8:
+            raise ValueError(f"{len(data)} bytes, shorter than the header's length field")
         (header_len,) = struct.unpack("<Q", data[:8])
+        if 8 + header_len > len(data):
+            raise ValueError(f"a header of {header_len} bytes in a file of {len(data)}")
         header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError) as exc:
         raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
     base = 8 + header_len
+    size = len(data) - base
     out: dict[str, Array] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        buf = data[base + start : base + end]
-        dtype, shape = info["dtype"], tuple(info["shape"])
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ModelError(
+                f"{path}: tensor {name!r} has a malformed header entry ({exc}); the file is "
+                "corrupt: download it again"
+            ) from exc
         if dtype == "BF16":
-            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+            itemsize = 2
         elif dtype in _SAFETENSORS_DTYPES:
-            arr = np.frombuffer(buf, _SAFETENSORS_DTYPES[dtype])
+            itemsize = np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
         else:
             raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if (
+            any(d < 0 for d in shape)
+            or not 0 <= start <= end <= size
+            or end - start != int(np.prod(shape)) * itemsize
+        ):
+            raise ModelError(
+                f"{path}: tensor {name!r} ({dtype} {list(shape)}) should be bytes {start} to {end} "
+                f"of the {size} after the header; the file is truncated or corrupt: download it "
+                "again"
+            )
+        buf = data[base + start : base + end]
+        if dtype == "BF16":
+            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(buf, _SAFETENSORS_DTYPES[dtype])
         if arr.dtype.kind == "f":
             arr = arr.astype(np.float32)
         out[name] = arr.reshape(shape)
@@ -444,6 +559,18 @@ def _rebuild_tensor(
 ) -> Array:
     base = storage.array
     itemsize = base.dtype.itemsize
+    # the last element a view of ``size`` and ``stride`` reaches must be in the storage (a corrupt
+    # or hostile file must not make as_strided read past it)
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True) if n > 0)
+    if (
+        offset < 0
+        or any(n < 0 or st < 0 for n, st in zip(size, stride, strict=True))
+        or (0 not in size and last >= len(base))
+    ):
+        raise ValueError(
+            f"a tensor of size {tuple(size)} at offset {offset} does not fit its storage of "
+            f"{len(base)} elements"
+        )
     if not size:
         arr = base[offset : offset + 1].reshape(())
     else:
@@ -516,7 +643,15 @@ def read_torch_zip(path: Path) -> dict[str, Array]:
         with zf.open(pkl_names[0]) as fh:
             try:
                 state = _RestrictedUnpickler(fh, load_record).load()
-            except (pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+            except (
+                pickle.UnpicklingError,
+                KeyError,
+                TypeError,
+                ValueError,
+                EOFError,
+                zipfile.BadZipFile,
+                zlib.error,
+            ) as exc:
                 raise ModelError(f"{path}: cannot read the state dict ({exc})") from exc
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
@@ -562,6 +697,19 @@ class _Lookup:
         )
 
 
+def _decoder(cfg: TransformerConfig, w: _Lookup, name: str, word: Array) -> Array:
+    """The decoder weight ``name``, else (absent from the file) the word embeddings, tied as
+    ``tie_word_embeddings`` (default true) says; false with no decoder weight is an error."""
+    if w.has(name):
+        return w.get(name)
+    if not cfg.tie_word_embeddings:
+        raise ModelError(
+            f"{w.path}: config.json says tie_word_embeddings false, but the decoder weight "
+            f"{name!r} (prefixes {w.prefixes}) is not in the file; is the checkpoint complete?"
+        )
+    return word
+
+
 def _bert_layers(cfg: TransformerConfig, w: _Lookup) -> tuple[LayerWeights, ...]:
     """``encoder.layer.N``: the layer naming of BERT, RoBERTa and XLM-R."""
     layers = []
@@ -584,9 +732,7 @@ def _bert_layers(cfg: TransformerConfig, w: _Lookup) -> tuple[LayerWeights, ...]
 
 def _bert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     word = w.get("embeddings.word_embeddings.weight")
-    decoder = (
-        w.get("cls.predictions.decoder.weight") if w.has("cls.predictions.decoder.weight") else word
-    )
+    decoder = _decoder(cfg, w, "cls.predictions.decoder.weight", word)
     return MaskedLMWeights(
         config=cfg,
         word_embeddings=word,
@@ -618,7 +764,7 @@ def _distilbert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
             )
         )
     word = w.get("embeddings.word_embeddings.weight")
-    decoder = w.get("vocab_projector.weight") if w.has("vocab_projector.weight") else word
+    decoder = _decoder(cfg, w, "vocab_projector.weight", word)
     return MaskedLMWeights(
         config=cfg,
         word_embeddings=word,
@@ -636,7 +782,7 @@ def _distilbert(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
 def _roberta(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     """RoBERTa/XLM-R: BERT's encoder under ``roberta.``, the head under ``lm_head.``."""
     word = w.get("embeddings.word_embeddings.weight")
-    decoder = w.get("lm_head.decoder.weight") if w.has("lm_head.decoder.weight") else word
+    decoder = _decoder(cfg, w, "lm_head.decoder.weight", word)
     return MaskedLMWeights(
         config=cfg,
         word_embeddings=word,
@@ -715,7 +861,7 @@ def _gte(cfg: TransformerConfig, w: _Lookup) -> MaskedLMWeights:
     ``_gte_layer``), the head ``lm_head.{dense, norm or layer_norm, decoder}``, the decoder
     weight tied to the word embeddings when absent. No position table (rotary)."""
     word = w.get("embeddings.word_embeddings.weight")
-    decoder = w.get("lm_head.decoder.weight") if w.has("lm_head.decoder.weight") else word
+    decoder = _decoder(cfg, w, "lm_head.decoder.weight", word)
     if w.has("lm_head.decoder.bias"):
         decoder_bias = w.get("lm_head.decoder.bias")
     else:  # what transformers loads then: _init_weights zeroes a Linear's bias

@@ -82,7 +82,8 @@ def add_subcommands(subparsers: Any) -> None:
         choices=POOLINGS,
         default=None,
         help="activation after the max: splade_max = log1p(relu) (default), "
-        "splade_max_log1p_log1p = log1p twice (OpenSearch v3 doc models; --model sets it)",
+        "splade_max_log1p_log1p = log1p twice (OpenSearch v3 doc models; --model sets it, and "
+        "so does a Sentence Transformers *SpladePooling/config.json in SRC)",
     )
     export.set_defaults(handler=_export)
 
@@ -153,7 +154,7 @@ def _export(args: argparse.Namespace) -> int:
             long_text=args.long_text,
             window_overlap=args.window_overlap,
             max_length=args.max_length,
-            **({"name": args.name, "pooling": args.pooling or "splade_max"} | registry),
+            **({"name": args.name, "pooling": args.pooling} | registry),
         )
     except ModelError as exc:
         return _fail(exc)

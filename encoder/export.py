@@ -32,7 +32,14 @@ from encoder.checkpoint import (
     weights_file,
 )
 from encoder.errors import ModelError
-from encoder.graph import ORT_DISABLED_OPTIMIZERS, GraphOptions, build_graph
+from encoder.graph import (
+    ORT_DISABLED_OPTIMIZERS,
+    POSITION_GATHER,
+    PROTOBUF_LIMIT,
+    GraphOptions,
+    build_graph,
+    estimate_graph_bytes,
+)
 from encoder.metadata import (
     FP32_MODEL_FILE,
     IDF_FILE,
@@ -42,6 +49,7 @@ from encoder.metadata import (
     LongTextMode,
     ModelMetadata,
     QuantizationInfo,
+    read_idf,
     write_metadata,
 )
 from encoder.reference import splade_vectors
@@ -134,7 +142,8 @@ def quantize_int8(src: Path, dst: Path, options: QuantizeOptions) -> Quantizatio
     exclude = [
         n.name
         for n in model.graph.node
-        if n.op_type == "MatMul" and any(p in n.name for p in patterns)
+        if (n.op_type == "MatMul" and any(p in n.name for p in patterns))
+        or n.name.startswith(POSITION_GATHER)  # RoBERTa's position table stays FP32
     ]
     del model
     root = logging.getLogger()
@@ -223,7 +232,7 @@ def export_model(
     license: str = "",
     source: str = "",
     weights: MaskedLMWeights | None = None,
-    pooling: Pooling = "splade_max",
+    pooling: Pooling | None = None,
     max_length: int | None = None,
 ) -> ModelMetadata:
     """Export ``src_dir`` (a Hugging Face masked-LM folder of an architecture in
@@ -231,7 +240,9 @@ def export_model(
 
     ``weights`` may be given to skip reading the checkpoint again (the benchmark uses it for
     random models); ``src_dir`` must still hold the tokenizer. ``pooling``: the activation after
-    the max (``encoder.registry.POOLINGS``; OpenSearch v3 doc models take log1p twice).
+    the max (``encoder.registry.POOLINGS``; OpenSearch v3 doc models take log1p twice); None:
+    what a Sentence Transformers ``SpladePooling`` module of the folder declares
+    (``sentence_transformers_pooling``), else ``splade_max``.
     ``max_length``: tokens per window, special tokens included (default: what the model takes,
     at most its ``default_length`` — 512 for GTE, which takes 8192 — and at most
     tokenizer_config.json's ``model_max_length``).
@@ -243,14 +254,48 @@ def export_model(
             f"{tok_path}: missing; the exporter needs the fast tokenizer file (tokenizer.json). "
             "Save it with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`"
         )
-    if pooling not in POOLINGS:
+    if pooling is not None and pooling not in POOLINGS:
         raise ModelError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     weights_given = weights is not None
     if weights is None:
         weights = load_masked_lm(src)
     cfg = weights.config
-    tok = Tokenizer.from_file(str(tok_path))
+    if not 0 <= cfg.pad_token_id < cfg.vocab_size:  # read_config checks config.json's
+        raise ModelError(
+            f"pad_token_id {cfg.pad_token_id} is outside the vocabulary ({cfg.vocab_size} tokens)"
+        )
+    size = estimate_graph_bytes(weights, max_length)
+    if size >= PROTOBUF_LIMIT:
+        raise ModelError(
+            f"{src}: the model is too large for a single-file ONNX export: its FP32 graph would "
+            f"take about {size / 2**30:.2f} GiB, and an ONNX file (a protobuf message) holds at "
+            "most 2 GiB; weights stored outside the file (ONNX external data) are not supported "
+            "yet"
+        )
+    try:
+        tok = Tokenizer.from_file(str(tok_path))
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise ModelError(f"{tok_path}: not a tokenizer.json that tokenizers reads ({exc})") from exc
     _check_pad_token(src, tok, cfg.pad_token_id)
+    if (src / IDF_FILE).is_file():
+        read_idf(src / IDF_FILE)  # refused now rather than when the service loads the model
+    if pooling is None:
+        pooling = sentence_transformers_pooling(src)
+        if pooling is not None:
+            log.info("%s: pooling %s, from its Sentence Transformers SpladePooling", src, pooling)
+        else:
+            pooling = "splade_max"
+            if cfg.architecture in OPENSEARCH_V3_ARCHITECTURES and (src / IDF_FILE).is_file():
+                log.warning(
+                    "%s looks like an OpenSearch v3 doc model (%s with an idf.json) but says "
+                    "nothing of its pooling: exporting with splade_max = log1p(relu). If it is "
+                    "opensearch-neural-sparse-encoding-doc-v3-gte, pass --model "
+                    "opensearch-neural-sparse-encoding-doc-v3-gte (or --pooling "
+                    "splade_max_log1p_log1p; Python: pooling='splade_max_log1p_log1p', "
+                    "query_mode='idf')",
+                    src,
+                    cfg.architecture,
+                )
     tok.no_padding()
     tok.no_truncation()
     tokens = tok.get_vocab_size(with_added_tokens=True)
@@ -354,6 +399,49 @@ def measure_fidelity(
     ref = _session(fp32_path).run(None, feeds)[0]
     got = _session(int8_path).run(None, feeds)[0]
     return compare_vectors(got, ref)
+
+
+# Architectures of OpenSearch's v3 doc models (doc-v3-gte): exported without a pooling, a folder of
+# one with an idf.json gets a warning that says which flags to pass.
+OPENSEARCH_V3_ARCHITECTURES = ("NewForMaskedLM", "GteForMaskedLM")
+
+# Sentence Transformers' SpladePooling(activation_function=...): the activation before log1p.
+_SPLADE_POOLING_ACTIVATIONS: dict[str, Pooling] = {
+    "relu": "splade_max",  # log1p(relu(x))
+    "log1p_relu": "splade_max_log1p_log1p",  # log1p(log1p(relu(x)))
+}
+
+
+def sentence_transformers_pooling(src: Path) -> Pooling | None:
+    """The pooling that the folder's Sentence Transformers ``SpladePooling`` module declares
+    (``1_SpladePooling/config.json``, ``document_1_SpladePooling/config.json`` of a Router: any
+    ``*SpladePooling/config.json``), None without one. Its ``activation_function`` comes
+    before ``log1p`` (sbert.net): ``relu`` is ``splade_max``, ``log1p_relu`` is
+    ``splade_max_log1p_log1p``; only the ``max`` pooling strategy is supported."""
+    found: dict[str, Pooling] = {}
+    for path in sorted(src.glob("*SpladePooling/config.json")):
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: unreadable ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ModelError(f"{path}: not a JSON object")
+        strategy = raw.get("pooling_strategy", "max")
+        activation = raw.get("activation_function", "relu")
+        if strategy != "max":
+            raise ModelError(f"{path}: pooling_strategy {strategy!r} is not supported (only 'max')")
+        if activation not in _SPLADE_POOLING_ACTIVATIONS:
+            raise ModelError(
+                f"{path}: activation_function {activation!r} is not supported "
+                f"({', '.join(_SPLADE_POOLING_ACTIVATIONS)})"
+            )
+        found[str(path.relative_to(src))] = _SPLADE_POOLING_ACTIVATIONS[activation]
+    if len(set(found.values())) > 1:
+        raise ModelError(
+            f"{src}: its SpladePooling modules disagree ({found}); pass --pooling "
+            f"({', '.join(POOLINGS)})"
+        )
+    return next(iter(found.values()), None)
 
 
 def _check_pad_token(src: Path, tok: Tokenizer, pad_id: int) -> None:

@@ -2,11 +2,12 @@
 
 Inputs: ``input_ids`` and ``attention_mask`` (int64, [batch, seq], right-padded). There is no
 ``token_type_ids`` input: SPLADE inputs are one segment, so the type-0 embedding is folded into the
-position table. Position ids are 0, 1, ... from the table's row ``config.position_offset`` (0 for
-BERT; the padding index + 1 for RoBERTa/XLM-R, whose transformers code gives token i of a
-right-padded row position ``pad_token_id + 1 + i``): the graph slices the table there. Padded
-positions get positions too, but they are masked out of attention and pooling, so their rows never
-matter. Output: ``sparse_weights`` [batch, vocab] float32.
+position table. BERT's position ids are 0, 1, ...: the graph slices the table's first rows. RoBERTa
+and XLM-R (``config.position_offset`` > 0) compute them from the ids as transformers does
+(``cumsum(ids != pad) * (ids != pad) + pad``: token i of a right-padded row at ``pad_token_id + 1 +
+i``, a padding token at the padding index even inside a text) and Gather them from the whole table.
+Padded positions get positions too, but they are masked out of attention and pooling, so their rows
+never matter. Output: ``sparse_weights`` [batch, vocab] float32.
 
 GTE has no position table: rotary embeddings (the ``RotaryEmbedding`` op, opset 23, rotate-half)
 turn the queries and keys of every layer, from cos/sin tables of ``max_length`` rows computed here
@@ -50,6 +51,52 @@ OUTPUT_NAME = "sparse_weights"
 # ONNX Runtime graph optimizers every session of our graphs runs without (see GraphOptions).
 ORT_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 LOGITS_NAME = "logits"
+# The RoBERTa/XLM-R position table's Gather (node names start with it): left in FP32 by the
+# quantizer, as the table was when the graph sliced it (encoder.export.quantize_int8).
+POSITION_GATHER = "position_embeddings.gather"
+# ONNX files are protobuf messages, which cannot exceed 2 GiB; weights stored outside the file
+# (ONNX external data) are not supported yet.
+PROTOBUF_LIMIT = 2**31
+GRAPH_STRUCTURE_BYTES = 2**20  # what estimate_graph_bytes allows for all but the weights
+
+
+def estimate_graph_bytes(w: MaskedLMWeights, max_length: int | None = None) -> int:
+    """About how many bytes the FP32 graph of ``w`` takes, from above: every weight as float32,
+    the decoder again even when tied to the word embeddings (the graph stores it transposed,
+    apart), the rotary tables, and 1 MiB for the graph's own structure (nodes, names, small
+    constants: about 16 kB for 2 layers)."""
+    c = w.config
+    arrays: list[np.ndarray | None] = [
+        w.word_embeddings,
+        w.position_embeddings,
+        w.token_type_embedding,
+        w.embedding_norm.gamma,
+        w.embedding_norm.beta,
+        w.head_transform.weight,
+        w.head_transform.bias,
+        w.head_norm.gamma,
+        w.head_norm.beta,
+        w.decoder_weight,
+        w.decoder_bias,
+    ]
+    for layer in w.layers:
+        for lin in (
+            layer.query,
+            layer.key,
+            layer.value,
+            layer.attention_output,
+            layer.ffn_in,
+            layer.ffn_out,
+            layer.ffn_gate,
+        ):
+            if lin is not None:
+                arrays += [lin.weight, lin.bias]
+        for ln in (layer.attention_norm, layer.output_norm):
+            arrays += [ln.gamma, ln.beta]
+    total = GRAPH_STRUCTURE_BYTES + sum(4 * a.size for a in arrays if a is not None)
+    if c.rotary:  # cos and sin, [rows, head / 2] each
+        total += 4 * (max_length or c.default_length or c.max_length) * c.head_size
+    return total
 
 
 @dataclass(frozen=True)
@@ -334,6 +381,40 @@ def build_graph(
             "Expand", [positions, g.op("Shape", ["input_ids"])], hint="position_ids"
         )
         rope = _Rope(g.const("rope.cos", cos), g.const("rope.sin", sin), position_ids, nh)
+    elif c.position_offset:
+        # RoBERTa/XLM-R: word + position (+ token type) -> LayerNorm, the position ids computed
+        # from the ids as transformers does (create_position_ids_from_input_ids): the count of
+        # non-padding tokens so far, times "not padding", plus the padding index. A literal
+        # padding token inside a text takes the padding index and the tokens after it count on
+        # from where they were, as in transformers.
+        word = g.op(
+            "Gather",
+            [g.const("word_embeddings", _f32(w.word_embeddings)), "input_ids"],
+            hint="word_embeddings.gather",
+        )
+        pos_table = _f32(w.position_embeddings)
+        if w.token_type_embedding is not None:  # single segment: type 0 everywhere
+            pos_table = pos_table + _f32(w.token_type_embedding)
+        seq_len = g.op("Shape", ["input_ids"], hint="seq_len", start=1, end=2)
+        is_pad = g.op(
+            "Equal", ["input_ids", g.const("pad_token_id", np.array(c.pad_token_id, np.int64))]
+        )
+        not_pad = g.op("Cast", [g.op("Not", [is_pad])], hint="not_pad", to=TensorProto.INT64)
+        counted = g.op("CumSum", [not_pad, g.const("axis1_scalar", np.array(1, np.int64))])
+        position_ids = g.op(
+            "Add",
+            [
+                g.op("Mul", [counted, not_pad]),
+                g.const("padding_idx", np.array(c.position_offset - 1, np.int64)),
+            ],
+            hint="position_ids",
+        )
+        positions = g.op(
+            "Gather",
+            [g.const("pos_table", pos_table), position_ids],
+            hint=POSITION_GATHER,
+        )
+        emb = g.op("Add", [word, positions])
     else:
         # Embeddings: word + position (+ token type) -> LayerNorm.
         word = g.op(

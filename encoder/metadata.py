@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +116,50 @@ class ModelMetadata:
             "query_mode": self.query_mode,
             "exporter_version": self.exporter_version,
         }
+
+
+# IDF weights below this are 0 (dropped): Elasticsearch refuses feature weights below the smallest
+# normal float, and no real IDF is that small.
+IDF_MIN_WEIGHT = 1e-30
+
+
+def read_idf(path: Path) -> dict[str, float]:
+    """``idf.json``: a JSON object of ``{token: weight}``, every weight a finite number >= 0
+    (null, strings, lists, NaN, Infinity or a negative weight are refused, naming how many
+    tokens have one); a weight under ``IDF_MIN_WEIGHT`` is 0, left out of the result."""
+    try:
+        raw = json.loads(path.read_text())  # NaN and Infinity parse, and are refused below
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: query mode 'idf' needs a readable idf.json ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ModelError(
+            f"{path}: not a JSON object of token weights ({type(raw).__name__}); idf.json maps "
+            "each token to its IDF"
+        )
+    weights: dict[str, float] = {}
+    bad: list[str] = []
+    for token, value in raw.items():
+        weight = _idf_weight(value)
+        if weight is None:
+            bad.append(token)
+        elif weight >= IDF_MIN_WEIGHT:
+            weights[str(token)] = weight
+    if bad:
+        raise ModelError(
+            f"{path}: {len(bad)} of {len(raw)} tokens have a weight that is not a finite number "
+            f">= 0 (the first: {bad[0]!r}: {raw[bad[0]]!r}); fix or regenerate idf.json"
+        )
+    return weights
+
+
+def _idf_weight(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        weight = float(value)
+    except OverflowError:  # an int past float's range
+        return None
+    return weight if math.isfinite(weight) and weight >= 0 else None
 
 
 def read_metadata(model_dir: Path) -> ModelMetadata:

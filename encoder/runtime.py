@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from encoder.metadata import (
     ModelMetadata,
     QuantizationInfo,
     document_fingerprint,
+    read_idf,
     read_metadata,
 )
 from encoder.passages import Passage, passage_spans
@@ -248,13 +248,7 @@ class SparseEncoder:
             )
         idf = None
         if meta.query_mode == "idf":
-            idf_path = model_dir / meta.files.get("idf", IDF_FILE)
-            try:
-                idf = {str(k): float(v) for k, v in json.loads(idf_path.read_text()).items()}
-            except (OSError, ValueError, AttributeError) as exc:
-                raise ModelError(
-                    f"{idf_path}: query mode 'idf' needs a readable idf.json ({exc})"
-                ) from exc
+            idf = read_idf(model_dir / meta.files.get("idf", IDF_FILE))
 
         n_threads = threads if threads is not None else available_cpus()
         if n_threads < 1:
@@ -558,18 +552,32 @@ class SparseEncoder:
         """Run the model over the windows in token-budget batches. Returns one vector per
         window, or with ``merge`` one per text (its windows max-merged in a dense buffer until
         the last is done: :class:`encoder.pooling.WindowMerger`). ``started``: when tokenizing
-        began (for ``stats``)."""
+        began (for ``stats``). A window of no tokens at all (an empty text, with a tokenizer
+        that adds no special tokens) is ``{}`` and never reaches the model: a row with nothing to
+        attend to has no output."""
         st = stats if stats is not None else EncodeStats()
         lengths = [len(u.ids) for u in units]
-        batches = plan_batches(lengths, self.max_batch_tokens, self.max_batch_docs)
+        live = [i for i, n in enumerate(lengths) if n]
+        batches = [
+            [live[j] for j in batch]
+            for batch in plan_batches(
+                [lengths[i] for i in live], self.max_batch_tokens, self.max_batch_docs
+            )
+        ]
         st.tokenize_seconds += time.perf_counter() - started
         st.texts += n_texts
         st.windows += len(units)
         st.tokens += sum(lengths)
         st.batches += len(batches)
 
+        # the merger counts the texts that have windows to run (a text with an empty window has
+        # only that one), numbered in text order
+        live_docs = sorted({units[i].doc for i in live})
+        merger_index = {doc: k for k, doc in enumerate(live_docs)}
         merger = (
-            WindowMerger(np.bincount([u.doc for u in units], minlength=n_texts)) if merge else None
+            WindowMerger(np.bincount([merger_index[units[i].doc] for i in live]))
+            if merge and live
+            else None
         )
         per_unit: list[SparseVector] = [] if merge else [{} for _ in units]
         per_doc: list[SparseVector] = [{} for _ in range(n_texts)] if merge else []
@@ -586,9 +594,9 @@ class SparseEncoder:
             out = self._run(ids, mask, priority)
             t3 = time.perf_counter()
             if merger is not None:
-                docs, rows = merger.add([units[i].doc for i in batch], out)
-                for doc, vec in zip(docs, self._features.to_dicts(rows), strict=True):
-                    per_doc[doc] = vec
+                done, rows = merger.add([merger_index[units[i].doc] for i in batch], out)
+                for k, vec in zip(done, self._features.to_dicts(rows), strict=True):
+                    per_doc[live_docs[k]] = vec
             else:
                 for i, vec in zip(batch, self._features.to_dicts(out), strict=True):
                     per_unit[i] = vec

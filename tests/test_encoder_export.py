@@ -568,8 +568,14 @@ def random_roberta(
     )
 
 
+# A literal "<pad>" inside a text is the padding token: transformers gives it the padding index's
+# position and counts the tokens after it on from where they were (not from their index).
+LITERAL_PAD = "The quick <pad> brown fox jumps over the lazy dog."
+
+
 def _roberta_texts() -> list[str]:
-    return [*TEXTS, LONG]  # the long one fills the 64 positions (cut), the others are padded
+    # the long one fills the 64 positions (cut), the others are padded
+    return [*TEXTS, LONG, LITERAL_PAD]
 
 
 @pytest.mark.parametrize(
@@ -587,6 +593,7 @@ def test_roberta_graph_matches_numpy_reference(random_roberta: Path, options: Gr
     assert (c.position_offset, c.pad_token_id, c.max_length) == (2, 1, POSITIONS - 2)
     ids, mask = _batch(random_roberta, _roberta_texts(), pad_id=1, max_length=c.max_length)
     assert ids.shape[1] == c.max_length and (ids == 1).any()  # every position, and padding
+    assert ((ids == 1) & (mask == 1)).any()  # and a padding token inside a text
     ref = splade_vectors(weights, ids, mask)
     got = _run(build_graph(weights, options), ids, mask)
     assert (ref > 0).sum(axis=1).min() > 5
@@ -780,6 +787,383 @@ def test_roberta_long_texts_windows_and_passages(exported_roberta: tuple[Path, A
         assert LONG[p.end - 1] in ".!?" or LONG[p.end].isspace()  # and end at one
 
 
+def test_roberta_positions_come_from_the_ids(
+    random_roberta: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The graph computes RoBERTa's positions from the ids, as transformers does: a literal
+    ``<pad>`` takes the padding index (the tokens after it count on from where they were), and
+    a config whose pad_token_id is 0, the id of ``<s>``, gives ``<s>`` that position too."""
+    weights = load_masked_lm(random_roberta)
+    c = weights.config
+    texts = [LITERAL_PAD, "<pad> what is the capital of france", "a"]
+    ids, mask = _batch(random_roberta, texts, pad_id=1)
+    assert ((ids == 1) & (mask == 1)).sum() == 2
+    got = _run(build_graph(weights), ids, mask)
+    np.testing.assert_allclose(got, splade_vectors(weights, ids, mask), atol=2e-4, rtol=1e-4)
+    # positions by index (what slicing the table gives) differ on the rows with a <pad>
+    by_index = np.where(mask == 1, np.cumsum(mask, axis=1) + 1, 1)
+    shifted = ((by_index != 1 + np.cumsum(ids != 1, axis=1) * (ids != 1)) & (mask == 1)).any(1)
+    assert shifted.tolist() == [True, True, False]
+
+    pad0 = replace(weights, config=replace(c, pad_token_id=0, position_offset=1))
+    ids0, mask0 = _batch(random_roberta, TEXTS, pad_id=0)
+    got = _run(build_graph(pad0), ids0, mask0)
+    np.testing.assert_allclose(got, splade_vectors(pad0, ids0, mask0), atol=2e-4, rtol=1e-4)
+    # and it exports (the reference check at export passes): 65 tokens from 66 positions
+    kind = "xlm-roberta" if c.architecture == "XLMRobertaForMaskedLM" else "roberta"
+    folder = _random_roberta_checkpoint(
+        tmp_path / "pad0",
+        _tokenizer_for(kind, request),
+        kind,
+        config_changes={"pad_token_id": 0},
+    )
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    meta = export_model(folder, tmp_path / "out", quantize="none", window_overlap=8)
+    assert (meta.pad_token_id, meta.max_length) == (0, POSITIONS - 1)
+
+
+def test_empty_window_never_reaches_the_model(
+    exported_roberta: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """A tokenizer that adds no special tokens makes an empty text a window of no tokens: its
+    vector is ``{}`` (queries too), its passage one with ``{}``, and the model never sees it, alone
+    (ONNX Runtime refuses a zero-length sequence) or beside others (an all-zero mask row)."""
+    folder = tmp_path / "model"
+    shutil.copytree(exported_roberta[0], folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    enc = SparseEncoder.load(folder, model_file="model.fp32.onnx")
+    assert enc._prefix == enc._suffix == []
+    hello = enc.encode_documents(["hello world"])[0]
+    assert hello
+    assert enc.encode_documents([""]) == [{}]
+    assert enc.encode_documents(["", "hello world", ""]) == [{}, hello, {}]
+    assert enc.encode_queries(["", "hello world"]) == [{}, hello]
+    long = enc.encode_documents([LONG])[0]  # several windows, merged, after an empty text
+    stats = EncodeStats()
+    assert enc.encode_documents(["", LONG, "hello world"], stats) == [{}, long, hello]
+    without = EncodeStats()
+    enc.encode_documents([LONG, "hello world"], without)
+    assert (stats.windows, stats.tokens, stats.batches) == (
+        without.windows + 1,  # the empty one: counted, never run
+        without.tokens,
+        without.batches,
+    )
+    [[empty], passages] = enc.encode_passages(["", "hello world"])
+    assert (empty.start, empty.end, empty.vector) == (0, 0, {})
+    assert [(p.start, p.end, p.vector) for p in passages] == [(0, 11, hello)]
+    assert enc.encode_documents_chunks(["", "hello world"]) == [[{}], [hello]]
+    # with special tokens (the fixture's tokenizer) an empty text is <s></s>: one passage too
+    with_specials = SparseEncoder.load(exported_roberta[0], model_file="model.fp32.onnx")
+    [[passage]] = with_specials.encode_passages([""])
+    assert (passage.start, passage.end) == (0, 0)
+
+
+# ------------------------------------------------------------ config and checkpoint errors
+
+_MINIMAL_CONFIGS: dict[str, dict[str, Any]] = {
+    "BertForMaskedLM": {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
+    "DistilBertForMaskedLM": {
+        "vocab_size": 100,
+        "dim": 32,
+        "n_layers": 1,
+        "n_heads": 4,
+        "hidden_dim": 64,
+    },
+    "RobertaForMaskedLM": {"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 4},
+    "XLMRobertaForMaskedLM": {"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 4},
+    "NewForMaskedLM": {"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 4},
+    "GteForMaskedLM": {"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 4},
+}
+
+
+def _config_folder(folder: Path, arch: str, **changes: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": [arch], **_MINIMAL_CONFIGS[arch], **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("arch", sorted(_MINIMAL_CONFIGS))
+def test_pad_token_id_must_be_a_token_id(tmp_path: Path, arch: str) -> None:
+    from encoder.checkpoint import read_config
+
+    assert read_config(_config_folder(tmp_path, arch, pad_token_id=99)).pad_token_id == 99
+    for pad in (-1, 100, 1000, True, 1.0, "1"):
+        with pytest.raises(ModelError, match=r"config\.json: pad_token_id"):
+            read_config(_config_folder(tmp_path, arch, pad_token_id=pad))
+
+
+def test_export_refuses_a_negative_pad_token_id(
+    tmp_path: Path, random_bert: Path, source_dir: Path
+) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(random_bert, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    with pytest.raises(ModelError, match=r"config\.json: pad_token_id is -1"):
+        export_model(folder, tmp_path / "out", quantize="none")
+    weights = load_masked_lm(random_bert)  # weights given: the same check
+    bad = replace(weights, config=replace(weights.config, pad_token_id=VOCAB))
+    with pytest.raises(ModelError, match=r"pad_token_id 30522 is outside the vocabulary"):
+        export_model(source_dir, tmp_path / "out", weights=bad, quantize="none")
+    assert not (tmp_path / "out" / "sparse_model.json").exists()
+
+
+def test_roberta_and_gte_configs_default_as_transformers(tmp_path: Path) -> None:
+    """A key missing from config.json means what it means to transformers' config class
+    (RobertaConfig, XLMRobertaConfig, GteConfig; new-impl's NewConfig)."""
+    from encoder.checkpoint import read_config
+
+    def read(arch: str) -> Any:
+        folder = tmp_path / arch
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        return read_config(folder)
+
+    def sizes(c: Any) -> tuple[int, ...]:
+        return (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size)
+
+    for arch, vocab in (("RobertaForMaskedLM", 50265), ("XLMRobertaForMaskedLM", 30522)):
+        c = read(arch)
+        assert sizes(c) == (vocab, 768, 12, 12, 3072)
+        assert (c.layer_norm_eps, c.max_position_embeddings, c.type_vocab_size) == (1e-12, 512, 2)
+        assert (c.pad_token_id, c.position_offset, c.max_length) == (1, 2, 510)
+        assert (c.hidden_act, c.tie_word_embeddings) == ("gelu", True)
+    for arch, vocab, positions, theta, pad in (
+        ("NewForMaskedLM", 30528, 2048, 10000.0, 0),
+        ("GteForMaskedLM", 250048, 8192, 160000.0, 1),
+    ):
+        c = read(arch)
+        assert sizes(c) == (vocab, 768, 12, 12, 3072)
+        assert (c.max_position_embeddings, c.type_vocab_size, c.layer_norm_eps) == (
+            positions,
+            1,
+            1e-12,
+        )
+        assert (c.rope_theta, c.rope_position_scale, c.pad_token_id) == (theta, 1.0, pad)
+
+
+def test_malformed_checkpoint_files_are_model_errors(
+    tmp_path: Path, roberta_tokenizer: Path
+) -> None:
+    from encoder.checkpoint import _rebuild_tensor, _Storage, read_config
+
+    folder = _random_roberta_checkpoint(tmp_path / "m", roberta_tokenizer, "roberta")
+    good = (folder / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+
+    def weights_file(data: bytes) -> Path:
+        (folder / "model.safetensors").write_bytes(data)
+        return folder / "model.safetensors"
+
+    def header(value: Any) -> bytes:
+        text = json.dumps(value).encode()
+        return len(text).to_bytes(8, "little") + text
+
+    for data, message in (
+        (good[: len(good) // 2], r"word_embeddings\.weight.*truncated or corrupt"),
+        (good[: header_len + 8], r"truncated or corrupt"),
+        (good[:4], r"not a safetensors file"),
+        (b"\xff" * 16, r"not a safetensors file \(a header of"),
+        (header({"a": 5}), r"tensor 'a' has a malformed header entry"),
+        (header({"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}), r"malformed"),
+        (header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}), r"corrupt"),
+        (header([1, 2]), r"not a JSON object"),
+    ):
+        with pytest.raises(ModelError, match=message):
+            read_safetensors(weights_file(data))
+    weights_file(good)
+    with pytest.raises(ValueError, match="does not fit its storage"):  # -> ModelError in the zip
+        _rebuild_tensor(_Storage(np.zeros(4, np.float32), False), 2, (3,), (1,))
+
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"tokenizer\.json: not a tokenizer\.json"):
+        export_model(folder, tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    for changes, message in (
+        ({"num_attention_heads": 0}, r"num_attention_heads is 0"),
+        ({"num_attention_heads": 5}, r"num_attention_heads 5 does not divide hidden_size 32"),
+        ({"hidden_size": 0}, r"hidden_size is 0"),
+        ({"architectures": {"a": 1}}, r"architectures must be a list"),
+        ({"tie_word_embeddings": "no"}, r"tie_word_embeddings must be true or false"),
+    ):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(ModelError, match=message):
+            read_config(folder)
+    # one name instead of a list: what transformers does with it
+    (folder / "config.json").write_text(
+        json.dumps({**config, "architectures": "XLMRobertaForMaskedLM", "model_type": "bert"})
+    )
+    assert read_config(folder).architecture == "XLMRobertaForMaskedLM"
+
+
+def test_untied_config_needs_the_decoder_weight(
+    tmp_path: Path, roberta_tokenizer: Path, random_bert: Path
+) -> None:
+    folder = _random_roberta_checkpoint(
+        tmp_path / "m", roberta_tokenizer, "roberta", config_changes={"tie_word_embeddings": False}
+    )
+    with pytest.raises(ModelError, match=r"tie_word_embeddings false.*'lm_head\.decoder\.weight'"):
+        load_masked_lm(folder)
+    untied = _random_roberta_checkpoint(
+        tmp_path / "u",
+        roberta_tokenizer,
+        "roberta",
+        untied=True,
+        config_changes={"tie_word_embeddings": False},
+    )
+    w = load_masked_lm(untied)
+    assert w.decoder_weight is not w.word_embeddings
+    bert = tmp_path / "bert"
+    shutil.copytree(random_bert, bert)
+    state = read_safetensors(bert / "model.safetensors")
+    del state["cls.predictions.decoder.weight"]
+    save_file(state, str(bert / "model.safetensors"))
+    tied = load_masked_lm(bert)  # no tie_word_embeddings: true, transformers' default
+    assert tied.decoder_weight is tied.word_embeddings
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ModelError, match=r"'cls\.predictions\.decoder\.weight'"):
+        load_masked_lm(bert)
+
+
+# ------------------------------------------------------------------------------- idf.json
+
+IDF_CASES = {
+    "null": ('{"a": 1.5, "b": null}', r"1 of 2 tokens have a weight that is not a finite number"),
+    "string": ('{"a": "1.5"}', r"1 of 1 tokens"),
+    "list": ('{"a": [1], "b": [2], "c": 1}', r"2 of 3 tokens"),
+    "bool": ('{"a": true}', r"1 of 1 tokens"),
+    "nan": ('{"a": NaN}', r"1 of 1 tokens"),
+    "infinity": ('{"a": Infinity, "b": -Infinity}', r"2 of 2 tokens"),
+    "negative": ('{"a": -0.5}', r"1 of 1 tokens"),
+    "huge int": ('{"a": 1' + "0" * 400 + "}", r"1 of 1 tokens"),
+    "not an object": ("[1, 2]", r"not a JSON object of token weights"),
+    "not json": ("{", r"needs a readable idf\.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IDF_CASES))
+def test_idf_json_is_checked_at_load_and_export(
+    exported_roberta: tuple[Path, Any], tmp_path: Path, case: str
+) -> None:
+    text, message = IDF_CASES[case]
+    folder = tmp_path / "model"
+    shutil.copytree(exported_roberta[0], folder)
+    meta = json.loads((folder / "sparse_model.json").read_text())
+    meta["query_mode"] = "idf"
+    meta["files"]["idf"] = "idf.json"
+    (folder / "sparse_model.json").write_text(json.dumps(meta))
+    (folder / "idf.json").write_text(text)
+    with pytest.raises(ModelError, match=r"idf\.json: .*" + message):
+        SparseEncoder.load(folder)
+    # at export, from the source folder, before anything is written
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "idf.json"):
+        shutil.copy(folder / name, src / name)
+    with pytest.raises(ModelError, match=r"src/idf\.json: .*" + message):
+        export_model(src, tmp_path / "out", weights=exported_roberta[1])
+    assert not (tmp_path / "out" / "sparse_model.json").exists()
+
+
+def test_idf_weights_too_small_for_elasticsearch_are_zero(tmp_path: Path) -> None:
+    from encoder.metadata import read_idf
+
+    (tmp_path / "idf.json").write_text('{"a": 1e-40, "b": 1e-31, "c": 1e-29, "d": 0, "e": 3}')
+    assert read_idf(tmp_path / "idf.json") == {"c": 1e-29, "e": 3.0}
+
+
+# ------------------------------------------------------------------------ the 2 GiB limit
+
+
+def _zero_weights(
+    vocab: int, hidden: int, layers: int, inter: int, positions: int
+) -> Any:  # MaskedLMWeights of zero-stride arrays: the shapes of a big model, no memory
+    from encoder.checkpoint import (
+        LayerNormWeights,
+        LayerWeights,
+        Linear,
+        MaskedLMWeights,
+        TransformerConfig,
+    )
+
+    def zeros(*shape: int) -> np.ndarray:
+        return np.broadcast_to(np.float32(0), shape)
+
+    def lin(out: int, inp: int) -> Linear:
+        return Linear(zeros(out, inp), zeros(out))
+
+    norm = LayerNormWeights(zeros(hidden), zeros(hidden))
+    word = zeros(vocab, hidden)
+    layer = LayerWeights(
+        lin(hidden, hidden),
+        lin(hidden, hidden),
+        lin(hidden, hidden),
+        lin(hidden, hidden),
+        norm,
+        lin(inter, hidden),
+        lin(hidden, inter),
+        norm,
+    )
+    config = TransformerConfig(
+        architecture="XLMRobertaForMaskedLM",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        intermediate_size=inter,
+        max_position_embeddings=positions,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        head_act="gelu",
+        position_offset=2,
+        pad_token_id=1,
+        type_vocab_size=1,
+    )
+    return MaskedLMWeights(
+        config,
+        word,
+        zeros(positions, hidden),
+        zeros(hidden),
+        norm,
+        (layer,) * layers,
+        lin(hidden, hidden),
+        norm,
+        word,
+        zeros(vocab),
+    )
+
+
+def test_a_graph_past_2_gib_is_refused_before_it_is_built(
+    tmp_path: Path, roberta_tokenizer: Path, random_roberta: Path
+) -> None:
+    from encoder.graph import PROTOBUF_LIMIT, estimate_graph_bytes
+
+    # the estimate is the graph's size from above: the weights (the decoder counted apart when
+    # tied), and 1 MiB for the rest (16 kB here)
+    weights = load_masked_lm(random_roberta)
+    size = build_graph(weights).ByteSize()
+    assert 2**20 - 32768 < estimate_graph_bytes(weights) - size < 2**20
+    # XLM-R base fits (1.75 GiB), XLM-R large (3.3 GB) does not
+    base = _zero_weights(250002, 768, 12, 3072, 514)
+    assert 1.7 * 2**30 < estimate_graph_bytes(base) < PROTOBUF_LIMIT
+    large = _zero_weights(250002, 1024, 24, 4096, 514)
+    with pytest.raises(ModelError, match=r"too large for a single-file ONNX export.* 3\.\d\d GiB"):
+        export_model(roberta_tokenizer, tmp_path / "out", weights=large)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------- registry: a folder the user downloads
 
 
@@ -958,6 +1342,7 @@ def test_roberta_matches_transformers(
     )
     ids, mask = _batch(src, _roberta_texts(), pad_id=1, max_length=meta.max_length)
     assert ids.shape[1] == meta.max_length and (ids == 1).any()
+    assert ((ids == 1) & (mask == 1)).any()  # a literal <pad> inside a text (LITERAL_PAD)
     with torch.no_grad():
         logits = model(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
@@ -974,3 +1359,50 @@ def test_roberta_matches_transformers(
     )
     assert (expected > 0).sum(axis=1).min() > 5
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="optional cross-check; needs torch+transformers")
+@pytest.mark.parametrize(
+    ("arch", "config_class"),
+    [
+        ("RobertaForMaskedLM", "RobertaConfig"),
+        ("XLMRobertaForMaskedLM", "XLMRobertaConfig"),
+        ("GteForMaskedLM", "GteConfig"),
+    ],
+)
+def test_config_defaults_are_transformers(
+    arch: str, config_class: str, tmp_path: Path
+) -> None:  # pragma: no cover
+    """A config.json with nothing but the architecture reads as transformers' config class."""
+    import transformers
+
+    from encoder.checkpoint import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    ours = read_config(tmp_path)
+    theirs = getattr(transformers, config_class)()
+    assert (
+        ours.vocab_size,
+        ours.hidden_size,
+        ours.num_layers,
+        ours.num_heads,
+        ours.intermediate_size,
+        ours.max_position_embeddings,
+        ours.layer_norm_eps,
+        ours.type_vocab_size,
+        ours.pad_token_id,
+        ours.tie_word_embeddings,
+    ) == (
+        theirs.vocab_size,
+        theirs.hidden_size,
+        theirs.num_hidden_layers,
+        theirs.num_attention_heads,
+        theirs.intermediate_size,
+        theirs.max_position_embeddings,
+        theirs.layer_norm_eps,
+        theirs.type_vocab_size,
+        theirs.pad_token_id,
+        theirs.tie_word_embeddings,
+    )
+    if ours.rotary:
+        assert ours.rope_theta == theirs.rope_parameters["rope_theta"]

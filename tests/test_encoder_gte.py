@@ -551,6 +551,55 @@ def test_gte_cli_export_options(
     assert read_metadata(out).pooling == "splade_max"
 
 
+def test_doc_v3_folder_pooling_from_sentence_transformers_or_a_warning(
+    tmp_path: Path,
+    new_layout: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A folder like doc-v3-gte's (GTE with an idf.json) exported without --model or --pooling:
+    its Sentence Transformers SpladePooling config says the pooling (``log1p_relu``: log1p is
+    taken twice); without one, a warning says which flags to pass."""
+    src = tmp_path / "src"
+    shutil.copytree(new_layout, src)
+    (src / "idf.json").write_text(json.dumps({"quick": 2.5}))
+    argv = ["model", "export", str(src), str(tmp_path / "a"), "--quantize", "none"]
+    with caplog.at_level("WARNING", logger="encoder.export"):
+        assert _cli(argv) == 0
+    assert read_metadata(tmp_path / "a").pooling == "splade_max"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "looks like an OpenSearch v3 doc model" in warning
+    assert "--model opensearch-neural-sparse-encoding-doc-v3-gte" in warning
+    assert "--pooling splade_max_log1p_log1p" in warning
+
+    pooling = src / "document_1_SpladePooling"  # the Router layout of doc-v3-gte
+    pooling.mkdir()
+    st = {"pooling_strategy": "max", "activation_function": "log1p_relu"}
+    (pooling / "config.json").write_text(json.dumps(st | {"word_embedding_dimension": 30522}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encoder.export"):
+        assert _cli([*argv[:3], str(tmp_path / "b"), *argv[4:]]) == 0
+    assert read_metadata(tmp_path / "b").pooling == DOUBLE_LOG
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    capsys.readouterr()
+    # the flag still decides
+    assert _cli([*argv[:3], str(tmp_path / "c"), *argv[4:], "--pooling", "splade_max"]) == 0
+    assert read_metadata(tmp_path / "c").pooling == "splade_max"
+
+    from encoder.export import sentence_transformers_pooling
+
+    (pooling / "config.json").write_text(json.dumps({"activation_function": "relu"}))
+    assert sentence_transformers_pooling(src) == "splade_max"  # max is the default strategy
+    (pooling / "config.json").write_text(json.dumps({"pooling_strategy": "sum"}))
+    with pytest.raises(ModelError, match=r"pooling_strategy 'sum' is not supported"):
+        sentence_transformers_pooling(src)
+    (pooling / "config.json").write_text(json.dumps(st))
+    (src / "1_SpladePooling").mkdir()
+    (src / "1_SpladePooling" / "config.json").write_text(json.dumps({"pooling_strategy": "max"}))
+    with pytest.raises(ModelError, match=r"SpladePooling modules disagree"):
+        sentence_transformers_pooling(src)
+
+
 # --------------------------------------------------------------------------------- errors
 
 
@@ -604,6 +653,12 @@ def test_gte_weight_errors(tmp_path: Path, wordpiece_dir: Path) -> None:
         tmp_path / "c", wordpiece_dir, "gte", config_changes={"type_vocab_size": 2}
     )
     with pytest.raises(ModelError, match=r"token_type_embeddings\.weight"):
+        load_masked_lm(src)
+    # the decoder said untied, and not in the file
+    src = _random_gte_checkpoint(
+        tmp_path / "d", wordpiece_dir, "new", config_changes={"tie_word_embeddings": False}
+    )
+    with pytest.raises(ModelError, match=r"tie_word_embeddings false.*'lm_head\.decoder\.weight'"):
         load_masked_lm(src)
 
 
