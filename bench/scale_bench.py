@@ -13,9 +13,17 @@ through the sizes; after each step it reports:
   encoder's own rate is bench/encoder_bench.py's);
 - bytes per document: the whole store, and per field (``_disk_usage``): the passages' vectors
   against the text fields' inverted index (what BM25 alone needs);
-- query latency p50/p95/p99, one query at a time, top 10, for sparse exact, sparse with
-  Elasticsearch's query-time token pruning (``prune: true``, default pruning config), BM25 and
-  hybrid, and the share of the exact top 10 the pruned query keeps.
+- query latency p50/p95/p99, one query at a time, top 10, for sparse exact (``"prune": false``),
+  sparse as the service sends it (Elasticsearch 8.19+/9.x maps ``sparse_vector`` with
+  ``index_options.prune: true``, so the query is pruned with the default ``pruning_config``
+  unless it says otherwise), BM25 and hybrid (the service's), and the share of the exact top 10
+  the pruned query keeps; the modes alternate query by query, so machine noise hits all alike,
+  and the load average at the time is reported with them.
+
+Index-time pruning (the service's ``SPARSE_INGEST_ES_PRUNE_BELOW``): ``--prune-below 0.3`` drops
+smaller weights before writing. With the same ``--seed`` the documents are the same as in a run
+without it, so ``--compare results/scale/scale.json`` reports what share of *that* run's exact
+top 10 (the unpruned index, same size) the pruned index's queries keep.
 
 What is real and what is drawn: the dataset's documents are encoded by the default model (their
 passages are real vectors of real text) and written first; every later document takes the text
@@ -60,6 +68,7 @@ from service.messages import RecordRef, Upsert, content_hash  # noqa: E402
 from service.search import Searcher, best_passage_query, sparse_query  # noqa: E402
 from service.sink import ElasticsearchSink, IndexConfig  # noqa: E402
 from tooling.eval.beir import load_beir  # noqa: E402
+from tooling.eval.metrics import ndcg_at_k  # noqa: E402
 
 # _disk_usage is a technical preview: it is what measures bytes per field
 warnings.filterwarnings("ignore", category=GeneralAvailabilityWarning)
@@ -144,10 +153,17 @@ class Step:
     segments: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     pruned_top10_kept: float = float("nan")
+    # against the unpruned run's exact top 10 (``--compare``): exact and as sent
+    unpruned_top10_kept: dict[str, float] = field(default_factory=dict)
+    load_average: float = float("nan")  # 1-minute, after the queries
+    # SciFact's nDCG@10 per mode, every drawn document a distractor (none is judged relevant)
+    ndcg10: dict[str, float] = field(default_factory=dict)
+    exact_top10: list[list[str]] = field(default_factory=list)
 
 
-async def disk_usage(es: Any, index: str) -> tuple[float, float]:
-    """Bytes of the passages' vectors and of the text fields' inverted index (BM25)."""
+async def disk_usage(es: Any, index: str) -> tuple[float, float, float]:
+    """Bytes of the store, of the passages' vectors and of the text fields' inverted index
+    (BM25). (The store from here, not from index stats: those cache the size for 10 s.)"""
     # minutes at a million documents: far past the client's default request timeout
     resp = await es.options(request_timeout=1800).indices.disk_usage(
         index=index, run_expensive_tasks=True
@@ -155,43 +171,63 @@ async def disk_usage(es: Any, index: str) -> tuple[float, float]:
     fields = resp[index]["fields"]
     vector = sum(v["total_in_bytes"] for k, v in fields.items() if k.endswith(f".{VECTOR}"))
     text = sum(v["total_in_bytes"] for k, v in fields.items() if k in TEXT_FIELDS)
-    return float(vector), float(text)
+    return float(resp[index]["store_size_in_bytes"]), float(vector), float(text)
 
 
 async def timed_queries(
     es: Any, index: str, searcher: Searcher, queries: list[tuple[str, dict[str, float]]]
-) -> tuple[dict[str, dict[str, float]], float]:
-    lat: dict[str, list[float]] = {"sparse": [], "sparse_pruned": [], "bm25": [], "hybrid": []}
+) -> tuple[dict[str, dict[str, float]], float, dict[str, list[list[str]]]]:
+    """Latency per mode; the share of the exact top 10 the pruned query keeps; every query's
+    top 10 per mode."""
+    lat: dict[str, list[float]] = {"sparse_exact": [], "sparse": [], "bm25": [], "hybrid": []}
     kept: list[float] = []
+    ranked: dict[str, list[list[str]]] = {mode: [] for mode in lat}
+    exact_ids, pruned_ids = ranked["sparse_exact"], ranked["sparse"]
     vector_path = f"{PASSAGES}.{VECTOR}"
     for text, vector in queries:
-        exact_q = best_passage_query(
+        exact_inner = sparse_query(vector_path, vector, True)
+        exact_inner["sparse_vector"]["prune"] = False
+        exact_q = best_passage_query(PASSAGES, exact_inner, inner_hits=False)
+        # as the service sends it: the field's index_options decide (prune: true by default)
+        pruned_q = best_passage_query(
             PASSAGES, sparse_query(vector_path, vector, True), inner_hits=False
         )
-        pruned_inner = sparse_query(vector_path, vector, True)
-        pruned_inner["sparse_vector"]["prune"] = True
-        pruned_q = best_passage_query(PASSAGES, pruned_inner, inner_hits=False)
         t0 = time.perf_counter()
         exact = await es.search(index=index, query=exact_q, size=10, source=False)
-        lat["sparse"].append(time.perf_counter() - t0)
+        lat["sparse_exact"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         pruned = await es.search(index=index, query=pruned_q, size=10, source=False)
-        lat["sparse_pruned"].append(time.perf_counter() - t0)
-        exact_ids = {h["_id"] for h in exact["hits"]["hits"]}
-        if exact_ids:
-            kept.append(
-                len(exact_ids & {h["_id"] for h in pruned["hits"]["hits"]}) / len(exact_ids)
-            )
+        lat["sparse"].append(time.perf_counter() - t0)
+        exact_ids.append([h["_id"] for h in exact["hits"]["hits"]])
+        pruned_ids.append([h["_id"] for h in pruned["hits"]["hits"]])
+        if exact_ids[-1]:
+            kept.append(len(set(exact_ids[-1]) & set(pruned_ids[-1])) / len(exact_ids[-1]))
         t0 = time.perf_counter()
-        await searcher.search("bm25", text, None, 10)
+        bm25 = await searcher.search("bm25", text, None, 10)
         lat["bm25"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        await searcher.search("hybrid", text, vector, 10)
+        hybrid = await searcher.search("hybrid", text, vector, 10)
         lat["hybrid"].append(time.perf_counter() - t0)
+        ranked["bm25"].append([h.id for h in bm25])
+        ranked["hybrid"].append([h.id for h in hybrid])
     table = {
         mode: {f"p{q}": percentile(v, q) * 1000 for q in (50, 95, 99)} for mode, v in lat.items()
     }
-    return table, statistics.fmean(kept) if kept else float("nan")
+    return table, statistics.fmean(kept) if kept else float("nan"), ranked
+
+
+def share_kept(reference: list[list[str]], got: list[list[str]]) -> float:
+    """Mean share of each query's reference top 10 found in its ``got`` top 10."""
+    shares = [len(set(r) & set(g)) / len(r) for r, g in zip(reference, got, strict=True) if r]
+    return statistics.fmean(shares) if shares else float("nan")
+
+
+def compared_run(path: Path | None) -> dict[int, list[list[str]]]:
+    """The exact top 10 per query, per size, of an earlier run (``--compare``)."""
+    if path is None:
+        return {}
+    steps = json.loads(path.read_text())["steps"]
+    return {s["docs"]: s["exact_top10"] for s in steps if s.get("exact_top10")}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -207,13 +243,14 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
     real = await encoder.aencode_passages(texts)
     print(f"   {len(texts) / (time.perf_counter() - t0):.1f} docs/s", flush=True)
     model = PassageModel.measure(real)
-    queries = [
-        (q, v)
-        for q, v in zip(
-            data.queries.values(), encoder.encode_queries(list(data.queries.values())), strict=True
-        )
-    ]
-    queries = queries[: args.queries]
+    qids = list(data.queries)[: args.queries]
+    texts_q = [data.queries[q] for q in qids]
+    queries = list(zip(texts_q, encoder.encode_queries(texts_q), strict=True))
+
+    def real_id(doc: str) -> str:
+        """The dataset's id of a written document ("d17"), or a drawn one's own."""
+        n = int(doc[1:])
+        return ids[n] if n < len(ids) else doc
 
     es = elasticsearch_client(settings)
     sink = ElasticsearchSink(
@@ -221,7 +258,7 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
         IndexConfig(
             index=args.index, vector_field=VECTOR, text_fields=TEXT_FIELDS,
             refresh_interval=settings.es_refresh_interval, passage_field=PASSAGES,
-            number_of_replicas=0,
+            number_of_replicas=0, prune_below=args.prune_below,
         ),
         model_name=str(encoder.metadata.name),
         chunk_size=settings.es_bulk_chunk_size,
@@ -232,6 +269,7 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
     index = await sink.ensure_index(create=True)
     searcher = Searcher(es, index, VECTOR, TEXT_FIELDS, passage_field=PASSAGES)
     steps: list[Step] = []
+    reference = compared_run(args.compare)
     written = 0
     try:
         for size in args.sizes:
@@ -268,17 +306,32 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
             # the store as on disk (disk_usage flushes too)
             await es.options(request_timeout=1800).indices.flush(index=index)
             first = steps[-1].docs if steps else 0
-            stats = await es.indices.stats(index=index, metric="store,docs,segments")
+            stats = await es.indices.stats(index=index, metric="segments")
             primaries = stats["indices"][index]["primaries"]
-            vector_b, text_b = await disk_usage(es, index)
-            latency, kept = await timed_queries(es, index, searcher, queries)
+            store_b, vector_b, text_b = await disk_usage(es, index)
+            latency, kept_share, ranked = await timed_queries(es, index, searcher, queries)
+            unpruned: dict[str, float] = {}
+            if written in reference:
+                unpruned = {
+                    mode: share_kept(reference[written], ranked[mode])
+                    for mode in ("sparse_exact", "sparse")
+                }
+            ndcg = {
+                mode: statistics.fmean(
+                    ndcg_at_k([real_id(d) for d in ranking], data.qrels[qid])
+                    for qid, ranking in zip(qids, rankings, strict=True)
+                )
+                for mode, rankings in ranked.items()
+            }
             step = Step(
                 docs=written, real_docs=min(written, len(texts)),
                 ingest_docs_per_s=(written - first) / in_writes, ingest_seconds=seconds,
-                store_bytes_per_doc=primaries["store"]["size_in_bytes"] / written,
+                store_bytes_per_doc=store_b / written,
                 vector_bytes_per_doc=vector_b / written, text_bytes_per_doc=text_b / written,
                 segments=primaries["segments"]["count"], latency_ms=latency,
-                pruned_top10_kept=kept,
+                pruned_top10_kept=kept_share, unpruned_top10_kept=unpruned,
+                load_average=os.getloadavg()[0], ndcg10=ndcg,
+                exact_top10=ranked["sparse_exact"],
             )  # fmt: skip
             steps.append(step)
             print(row(step), flush=True)
@@ -292,8 +345,9 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
 
 HEADER = (
     "| documents (real) | ingest docs/s | store B/doc | vectors B/doc | text (BM25) B/doc | "
-    "segments | sparse p50/p95/p99 ms | pruned p50/p95/p99 ms | pruned keeps of top 10 | "
-    "BM25 p50/p95/p99 ms | hybrid p50/p95/p99 ms |\n|" + "---|" * 11
+    "segments | sparse exact p50/p95/p99 ms | sparse as sent (pruned) p50/p95/p99 ms | "
+    "pruned keeps of exact top 10 | BM25 p50/p95/p99 ms | hybrid p50/p95/p99 ms | "
+    "nDCG@10 exact / as sent / BM25 / hybrid | load |\n|" + "---|" * 13
 )
 
 
@@ -302,12 +356,24 @@ def row(s: Step) -> str:
         m = s.latency_ms[mode]
         return f"{m['p50']:.1f} / {m['p95']:.1f} / {m['p99']:.1f}"
 
+    ndcg = " / ".join(f"{s.ndcg10[m]:.3f}" for m in ("sparse_exact", "sparse", "bm25", "hybrid"))
+
     return (
         f"| {s.docs:,} ({s.real_docs:,}) | {s.ingest_docs_per_s:,.0f} | "
         f"{s.store_bytes_per_doc:,.0f} | {s.vector_bytes_per_doc:,.0f} | {s.text_bytes_per_doc:,.0f} | "
-        f"{s.segments} | {lat('sparse')} | {lat('sparse_pruned')} | {s.pruned_top10_kept:.3f} | "
-        f"{lat('bm25')} | {lat('hybrid')} |"
+        f"{s.segments} | {lat('sparse_exact')} | {lat('sparse')} | {kept_cell(s)} | "
+        f"{lat('bm25')} | {lat('hybrid')} | {ndcg} | {s.load_average:.1f} |"
     )
+
+
+def kept_cell(s: Step) -> str:
+    """Pruned against exact on this index; with ``--compare``, also both against the exact top
+    10 of the unpruned run."""
+    out = f"{s.pruned_top10_kept:.3f}"
+    if s.unpruned_top10_kept:
+        u = s.unpruned_top10_kept
+        out += f" (of unpruned index: exact {u['sparse_exact']:.3f}, as sent {u['sparse']:.3f})"
+    return out
 
 
 def main() -> int:
@@ -322,8 +388,21 @@ def main() -> int:
     parser.add_argument("--es-heap", default="4g")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the index")
+    parser.add_argument(
+        "--prune-below",
+        type=float,
+        default=0.0,
+        help="index-time pruning: drop weights below this (SPARSE_INGEST_ES_PRUNE_BELOW)",
+    )
+    parser.add_argument(
+        "--compare", type=Path, help="an earlier run's scale.json (same --seed, no pruning)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "scale")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out/scale.png")
     args = parser.parse_args()
+    if args.plot_only:
+        print(plot(args.out))
+        return 0
     args.sizes = [int(s) for s in args.sizes.split(",")]
     started = time.perf_counter()
     stack = None
@@ -339,6 +418,7 @@ def main() -> int:
         if stack is not None:
             stack.down(remove_data=True)
     print("\n" + report(args, steps, f"{time.perf_counter() - started:,.0f} s in all"))
+    print(plot(args.out))
     return 0
 
 
@@ -349,16 +429,72 @@ def report(args: argparse.Namespace, steps: list[Step], wall: str) -> str:
     heap = "(given)" if args.es_url else args.es_heap
     head = (
         f"{cpu_name()}, {cores} cores; Elasticsearch heap {heap}; "
-        f"`python bench/scale_bench.py {args.dataset} --sizes {','.join(map(str, args.sizes))}`, "
-        f"{wall}"
+        f"`python bench/scale_bench.py {args.dataset} --sizes {','.join(map(str, args.sizes))}"
+        f"{f' --prune-below {args.prune_below:g}' if args.prune_below else ''}"
+        f"{f' --compare {args.compare}' if args.compare else ''}`, {wall}"
     )
     text = "\n\n".join([head, "\n".join([HEADER, *(row(s) for s in steps)])])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.md").write_text(text + "\n")
-    (args.out / "scale.json").write_text(
+    name = f"scale-prune{args.prune_below:g}" if args.prune_below else "scale"
+    (args.out / f"{name}.md").write_text(text + "\n")
+    (args.out / f"{name}.json").write_text(
         json.dumps({"setup": head, "steps": [asdict(s) for s in steps]}, indent=2) + "\n"
     )
     return text
+
+
+def plot(out: Path) -> Path | None:
+    """``scale.png`` from the runs in ``out`` (``scale.json`` and any ``scale-prune*.json``):
+    latency per mode, bytes per document and ingest rate against the documents in the index.
+    None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = {
+        "no index-time pruning" if f.stem == "scale" else f.stem.replace("scale-", "index-time "): (
+            json.loads(f.read_text())
+        )
+        for f in sorted(out.glob("scale*.json"))
+    }
+    fig, (ax_lat, ax_bytes, ax_ingest) = plt.subplots(1, 3, figsize=(16, 4.8))
+    styles = {"sparse_exact": "o-", "sparse": "s--", "bm25": "^:", "hybrid": "d-."}
+    for label, run in runs.items():
+        steps = run["steps"]
+        docs = [s["docs"] for s in steps]
+        for mode, style in styles.items():
+            if label != "no index-time pruning" and mode in ("bm25", "hybrid"):
+                continue
+            ax_lat.plot(
+                docs, [s["latency_ms"][mode]["p99"] for s in steps], style,
+                label=f"{mode} p99 ({label})",
+            )  # fmt: skip
+        ax_bytes.plot(
+            docs, [s["vector_bytes_per_doc"] for s in steps], "o-", label=f"vectors ({label})"
+        )
+        if label == "no index-time pruning":
+            ax_bytes.plot(docs, [s["text_bytes_per_doc"] for s in steps], "^:", label="text (BM25)")
+            ax_bytes.plot(docs, [s["store_bytes_per_doc"] for s in steps], "s--", label="store")
+        ax_ingest.plot(docs, [s["ingest_docs_per_s"] for s in steps], "o-", label=label)
+    ax_lat.axhline(100, color="grey", lw=0.8)
+    for ax, title in (
+        (ax_lat, "query latency p99 (ms), one shard"),
+        (ax_bytes, "bytes per document"),
+        (ax_ingest, "ingest docs/s through the sink"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("documents in the index")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(next(iter(runs.values()))["setup"].split(";")[0], fontsize=9)
+    fig.tight_layout()
+    path = out / "scale.png"
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
