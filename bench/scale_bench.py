@@ -27,10 +27,13 @@ top 10 (the unpruned index, same size) the pruned index's queries keep.
 
 What is real and what is drawn: the dataset's documents are encoded by the default model (their
 passages are real vectors of real text) and written first; every later document takes the text
-of a random real document (BM25 sees real words), and its passages are drawn from the measured
-distribution of the real ones: passages per document, non-zero tokens per passage, each token by
-its document frequency and each weight from that token's own measured weights. The queries are
-the dataset's test queries, encoded by the model. The report says how many documents are real.
+of a random real document, its title and its body (BM25 sees real words), and its passages are
+drawn from the measured distribution of the real ones: passages per document, non-zero tokens per
+passage, each token in its measured share of passages and each weight from that token's own
+measured weights. The queries are the dataset's test queries, encoded by the model. The report
+says how many documents are real. Each run's JSON records its parameters (``params``: seed,
+``--real-docs``, ``--batch``, the sampler, the Elasticsearch version, the passage model's digest);
+``--compare`` refuses a run whose seed, real documents or passage model differ.
 
 Runs a private Elasticsearch (a ``LocalStack`` named ``scale``, heap ``--es-heap``) unless
 ``--es-url`` is given. Prints the table and writes ``scale.json`` and ``scale.md`` to ``--out``.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import statistics
@@ -79,6 +83,16 @@ VECTOR = "tokens"
 
 
 # ----------------------------------------------------------------------------- the sampler
+# Tokens in at least this share of real passages are the head: a drawn passage takes each with
+# a probability fitted to its share and the passage's size (one vectorized draw, Pareto
+# sampling: exactly the expected number of head tokens); the others, the tail, fill the passage
+# by weighted sampling with replacement (rarely a duplicate there). So each token's share of
+# drawn passages is its share of real ones, and each passage's non-zeros a real passage's.
+HEAD_SHARE = 0.005
+# in each run's parameters: another sampler draws other documents from the same model
+SAMPLER = "head-pareto/tail-weighted v2"
+
+
 @dataclass
 class PassageModel:
     """The measured distribution of real passages, to draw realistic ones from."""
@@ -92,7 +106,60 @@ class PassageModel:
     per_doc: np.ndarray  # passages per real document
 
     def __post_init__(self) -> None:
-        self.cdf = np.cumsum(self.doc_freq) / self.doc_freq.sum()
+        n_passages = max(len(self.nnz), 1)
+        self.share = self.doc_freq / n_passages  # p_t: the share of real passages holding t
+        head = self.share >= HEAD_SHARE
+        self.head = np.flatnonzero(head)
+        self.tail = np.flatnonzero(~head)
+        tail_df = self.doc_freq[self.tail]
+        self.tail_cdf = np.cumsum(tail_df) / tail_df.sum() if len(self.tail) else tail_df
+        self.sizes, self.rate, self.reach = self._fit_inclusion()
+        # per measured size (row) and head token: the inclusion probability's inverse odds
+        # (Pareto sampling's rank divisor), and how many head tokens such a passage expects
+        include = -np.expm1(-np.outer(self.reach, self.rate))
+        self.head_expected = include.sum(axis=1)
+        with np.errstate(divide="ignore"):
+            self.head_odds = ((1 - include) / include).astype(np.float32)
+
+    def _fit_inclusion(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """How a passage of ``k`` non-zeros includes head token ``t``: with probability
+        ``1 - exp(-rate[t] * reach[k])`` (a race: each token arrives at its own rate, the
+        first ``k`` are in). ``reach`` is such that the head's and the tail's tokens number
+        ``k`` on average; ``rate`` such that over the measured ``k`` the token is in its share
+        ``p_t`` of passages. (The naive ``min(1, p_t * k / mean)`` overfills short passages
+        with frequent tokens, and the trimming then costs those tokens their share.) Tail
+        tokens are in the linear part, ``rate ~ p_t / E[reach]``: only their sum counts here.
+        Fitted by alternating Newton steps (concave: monotone from below; kept >= 0, so no
+        exponent is positive), all tokens at once.
+        Returns the measured sizes ``k``, ``rate`` per head token and ``reach`` per size."""
+        sizes, freq = np.unique(self.nnz, return_counts=True)
+        prob = freq / max(freq.sum(), 1)
+        share = np.minimum(self.share[self.head], 1 - 1e-4)  # in every passage: rate finite
+        tail_share = float(self.share[self.tail].sum())
+        reach = sizes.astype(np.float64)
+        mean_reach = max(float(prob @ reach), 1e-12)
+        rate = share / mean_reach
+        for _ in range(30):
+            before = rate
+            for _ in range(30):  # rate: sum_k prob_k (1 - exp(-rate reach_k)) = p_t
+                e = np.exp(-np.outer(rate, reach))
+                miss = share - (1 - e) @ prob
+                rate = np.maximum(rate + miss / np.maximum((e * reach) @ prob, 1e-300), 0.0)
+                if np.abs(miss).max() < 1e-9:
+                    break
+            mean_reach = max(float(prob @ reach), 1e-12)
+            tail_rate = tail_share / mean_reach
+            for _ in range(30):  # reach: sum_t (1 - exp(-rate_t reach_k)) = k
+                e = np.exp(-np.outer(reach, rate))
+                miss = sizes - (1 - e).sum(axis=1) - tail_rate * reach
+                # (bounded: a size no fewer tokens could fill stays finite)
+                step = miss / np.maximum(e @ rate + tail_rate, 1e-300)
+                reach = np.clip(reach + step, 0.0, 1e100)
+                if np.abs(miss).max() < 1e-6:
+                    break
+            if np.abs(rate - before).max() <= 1e-9 * max(float(rate.max(initial=0)), 1e-12):
+                break
+        return sizes, rate, reach
 
     @classmethod
     def measure(cls, docs: Sequence[Sequence[Passage]]) -> PassageModel:
@@ -105,7 +172,7 @@ class PassageModel:
                     by_token.setdefault(token, []).append(weight)
         tokens = sorted(by_token)
         counts = np.array([len(by_token[t]) for t in tokens], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         weights = np.concatenate([np.array(by_token[t], dtype=np.float32) for t in tokens])
         return cls(
             tokens,
@@ -113,23 +180,60 @@ class PassageModel:
             weights,
             offsets,
             counts,
-            np.array(nnz),
-            np.array([len(p) for p in docs]),
+            np.array(nnz, dtype=np.int64),
+            np.array([len(p) for p in docs], dtype=np.int64),
         )
+
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the measured arrays: two runs drew from the same model."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.tokens).encode())
+        for a, dtype in (
+            (self.doc_freq, "<f8"),
+            (self.weights, "<f4"),
+            (self.offsets, "<i8"),
+            (self.counts, "<i8"),
+            (self.nnz, "<i8"),
+            (self.per_doc, "<i8"),
+        ):
+            h.update(b"\0")
+            h.update(np.ascontiguousarray(a, dtype=dtype).tobytes())
+        return h.hexdigest()[:16]
+
+    def draw_tokens(self, rng: np.random.Generator, want: int) -> np.ndarray:
+        """``want`` distinct token indices (fewer only if the vocabulary runs out): the head
+        as many as a passage of that size holds on average (rounded at random), each with its
+        fitted probability; the rest from the tail, by document frequency."""
+        level = min(int(np.searchsorted(self.sizes, want)), len(self.sizes) - 1)
+        expected = float(self.head_expected[level])
+        count = min(int(expected) + int(rng.random() < expected % 1), want, len(self.head))
+        head = self.head[:0]
+        if count:  # Pareto sampling: exactly ``count`` tokens, each in with its probability
+            u = rng.random(len(self.head), dtype=np.float32)
+            rank = u / (1 - u) * self.head_odds[level]  # (a NaN, 0 * inf, partitions last)
+            head = self.head[np.argpartition(rank, count - 1)[:count]]
+        need = min(want - len(head), len(self.tail))
+        tail = np.empty(0, dtype=np.int64)
+        for _ in range(8 if need else 0):  # duplicates are rare in the tail: once is enough
+            draws = np.searchsorted(self.tail_cdf, rng.random(need + need // 8 + 4), "right")
+            both = np.concatenate([tail, np.minimum(draws, len(self.tail) - 1)])
+            _, first = np.unique(both, return_index=True)
+            tail = both[np.sort(first)][:need]  # distinct, in the order drawn
+            if len(tail) == need:
+                break
+        return np.concatenate([head, self.tail[tail]])
 
     def draw(self, rng: np.random.Generator, text_len: int) -> list[Passage]:
         """One document's passages (their offsets split ``text_len`` evenly)."""
-        n = int(rng.choice(self.per_doc))
+        n = int(self.per_doc[rng.integers(len(self.per_doc))])
         out = []
         for i in range(n):
-            want = int(rng.choice(self.nnz))
-            draws = np.searchsorted(self.cdf, rng.random(want * 2), side="right")
-            picked: np.ndarray = np.unique(np.minimum(draws, len(self.tokens) - 1))
-            rng.shuffle(picked)
-            picked = picked[:want]
+            picked = self.draw_tokens(rng, int(self.nnz[rng.integers(len(self.nnz))]))
             at = self.offsets[picked] + rng.integers(0, self.counts[picked])
+            tokens = self.tokens
             vector = {
-                self.tokens[t]: float(w) for t, w in zip(picked, self.weights[at], strict=True)
+                tokens[t]: w
+                for t, w in zip(picked.tolist(), self.weights[at].tolist(), strict=True)
             }
             start, end = text_len * i // n, text_len * (i + 1) // n
             out.append(Passage(start, end, vector))
@@ -222,27 +326,81 @@ def share_kept(reference: list[list[str]], got: list[list[str]]) -> float:
     return statistics.fmean(shares) if shares else float("nan")
 
 
-def compared_run(path: Path | None) -> dict[int, list[list[str]]]:
-    """The exact top 10 per query, per size, of an earlier run (``--compare``)."""
+def compared_run(path: Path | None) -> tuple[dict[int, list[list[str]]], dict[str, Any] | None]:
+    """The exact top 10 per query, per size, of an earlier run (``--compare``), and that run's
+    parameters (None for a run written before they were recorded)."""
     if path is None:
-        return {}
-    steps = json.loads(path.read_text())["steps"]
-    return {s["docs"]: s["exact_top10"] for s in steps if s.get("exact_top10")}
+        return {}, None
+    run = json.loads(path.read_text())
+    top10 = {s["docs"]: s["exact_top10"] for s in run["steps"] if s.get("exact_top10")}
+    return top10, run.get("params")
+
+
+def run_params(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run records before it measures anything (``run`` adds the passage model's digest
+    and the Elasticsearch version)."""
+    return {
+        "seed": args.seed, "real_docs": args.real_docs, "batch": args.batch, "sampler": SAMPLER,
+    }  # fmt: skip
+
+
+# what must match for ``--compare`` to mean anything: the same real documents, the same
+# measured model, the same draws
+COMPARED = ("seed", "real_docs", "model_digest", "sampler")
+
+
+def check_comparable(path: Path, previous: dict[str, Any] | None, params: dict[str, Any]) -> None:
+    """SystemExit when the run in ``path`` was made with other parameters (of ``COMPARED``,
+    those ``params`` has yet); a warning for a run that did not record them."""
+    if previous is None:
+        print(
+            f"warning: {path} records no parameters (an older run): cannot check that its "
+            f"seed, real documents and passage model match this run's",
+            file=sys.stderr,
+        )
+        return
+    differ = [
+        f"{k} {previous[k]!r} there, {params[k]!r} here"
+        for k in COMPARED
+        if k in params and k in previous and previous[k] != params[k]
+    ]
+    if differ:
+        raise SystemExit(
+            f"--compare {path}: that run drew other documents ({'; '.join(differ)}); "
+            f"run the unpruned index again with this run's parameters"
+        )
+    missing = [k for k in COMPARED if k in params and k not in previous]
+    if missing:
+        print(f"warning: {path} does not record {', '.join(missing)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the run
-async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
+def written_fields(fields: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """A dataset document ``(title, text)`` as the bench writes it: the text the service encodes
+    (the fields joined with a space, as the service joins its text fields) and the fields
+    indexed for BM25, each the dataset's own."""
+    title, body = fields
+    return " ".join(t for t in fields if t), {"title": title, "body": body}
+
+
+async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[str, Any]]:
     rng = np.random.default_rng(args.seed)
+    params = run_params(args)  # (main checked these against --compare's run)
+    reference, previous = compared_run(args.compare)
     data = load_beir(args.dataset)
     settings = load_settings(es_url=es_url, es_index=args.index)
     encoder: SparseEncoder = load_encoder(settings)
     ids = list(data.corpus)[: args.real_docs or None]
-    texts = [" ".join(t for t in data.corpus[i] if t) for i in ids]
+    documents = [written_fields(data.corpus[i]) for i in ids]
+    texts = [text for text, _ in documents]
     print(f"encoding {len(texts):,} real documents as passages ...", flush=True)
     t0 = time.perf_counter()
     real = await encoder.aencode_passages(texts)
     print(f"   {len(texts) / (time.perf_counter() - t0):.1f} docs/s", flush=True)
     model = PassageModel.measure(real)
+    params["model_digest"] = model.digest()
+    if args.compare and previous is not None:
+        check_comparable(args.compare, previous, {"model_digest": params["model_digest"]})
     qids = list(data.queries)[: args.queries]
     texts_q = [data.queries[q] for q in qids]
     queries = list(zip(texts_q, encoder.encode_queries(texts_q), strict=True))
@@ -253,6 +411,7 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
         return ids[n] if n < len(ids) else doc
 
     es = elasticsearch_client(settings)
+    params["elasticsearch"] = (await es.info())["version"]["number"]
     sink = ElasticsearchSink(
         es,
         IndexConfig(
@@ -269,7 +428,6 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
     index = await sink.ensure_index(create=True)
     searcher = Searcher(es, index, VECTOR, TEXT_FIELDS, passage_field=PASSAGES)
     steps: list[Step] = []
-    reference = compared_run(args.compare)
     written = 0
     try:
         for size in args.sizes:
@@ -279,15 +437,14 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
                 batch = []
                 for n in range(written, min(size, written + args.batch)):
                     if n < len(texts):
-                        text, passages = texts[n], real[n]
-                    else:
-                        text = texts[int(rng.integers(len(texts)))]
-                        passages = model.draw(rng, len(text))
-                    title, _, body = text.partition(" ")
+                        of, passages = n, real[n]
+                    else:  # the text, title and body of a random real document
+                        of = int(rng.integers(len(texts)))
+                        passages = model.draw(rng, len(texts[of]))
+                    text, fields = documents[of]
                     batch.append(
                         Upsert(
-                            RecordRef("scale", 0, n, 0), f"d{n}", 1, text,
-                            {"title": title, "body": body},
+                            RecordRef("scale", 0, n, 0), f"d{n}", 1, text, dict(fields),
                             content_hash=content_hash(sink.fingerprint, text), passages=passages,
                         )
                     )  # fmt: skip
@@ -335,12 +492,12 @@ async def run(args: argparse.Namespace, es_url: str) -> list[Step]:
             )  # fmt: skip
             steps.append(step)
             print(row(step), flush=True)
-            report(args, steps, "(in progress)")
+            report(args, steps, "(in progress)", params)
     finally:
         if not args.keep:
             await es.options(ignore_status=404).indices.delete(index=index)
         await es.close()
-    return steps
+    return steps, params
 
 
 HEADER = (
@@ -404,6 +561,8 @@ def main() -> int:
         print(plot(args.out))
         return 0
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.compare:  # before any Elasticsearch starts: what can be checked yet
+        check_comparable(args.compare, compared_run(args.compare)[1], run_params(args))
     started = time.perf_counter()
     stack = None
     es_url = args.es_url
@@ -413,18 +572,20 @@ def main() -> int:
         stack = LocalStack(name="scale", es_heap=args.es_heap)
         es_url = stack.up(kafka=False).es_url
     try:
-        steps = asyncio.run(run(args, es_url))
+        steps, params = asyncio.run(run(args, es_url))
     finally:
         if stack is not None:
             stack.down(remove_data=True)
-    print("\n" + report(args, steps, f"{time.perf_counter() - started:,.0f} s in all"))
+    print("\n" + report(args, steps, f"{time.perf_counter() - started:,.0f} s in all", params))
     print(plot(args.out))
     return 0
 
 
-def report(args: argparse.Namespace, steps: list[Step], wall: str) -> str:
+def report(args: argparse.Namespace, steps: list[Step], wall: str, params: dict[str, Any]) -> str:
     """The table so far, written to ``--out`` (after each step: a long run that is stopped
-    keeps what it measured)."""
+    keeps what it measured). The JSON's ``params``: the seed, ``--real-docs``, ``--batch``,
+    the sampler, the Elasticsearch version and the passage model's digest (``--compare``
+    checks them)."""
     cores = len(os.sched_getaffinity(0))
     heap = "(given)" if args.es_url else args.es_heap
     head = (
@@ -438,7 +599,8 @@ def report(args: argparse.Namespace, steps: list[Step], wall: str) -> str:
     name = f"scale-prune{args.prune_below:g}" if args.prune_below else "scale"
     (args.out / f"{name}.md").write_text(text + "\n")
     (args.out / f"{name}.json").write_text(
-        json.dumps({"setup": head, "steps": [asdict(s) for s in steps]}, indent=2) + "\n"
+        json.dumps({"setup": head, "params": params, "steps": [asdict(s) for s in steps]}, indent=2)
+        + "\n"
     )
     return text
 
