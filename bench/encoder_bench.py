@@ -65,9 +65,17 @@ def fixed_length_texts(tokenizer_json: Path, length: int, count: int, seed: int 
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
-    words = sorted(
-        t for t in tok.get_vocab() if t.isalpha() and t.isascii() and t.islower() and len(t) > 2
+    # whole words (WordPiece "word", byte-level BPE "Ġword", SentencePiece "▁word") that stay one
+    # token each wherever they stand in a text of space-separated words
+    candidates = sorted(
+        {
+            w
+            for w in (t.removeprefix("Ġ").removeprefix("▁") for t in tok.get_vocab())
+            if w.isalpha() and w.isascii() and w.islower() and len(w) > 2
+        }
     )
+    encoded = tok.encode_batch([f"{w} {w}" for w in candidates], add_special_tokens=False)
+    words = [w for w, e in zip(candidates, encoded, strict=True) if len(e.ids) == 2]
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(words, length - 2)) for _ in range(count)]
     counts = [len(e.ids) for e in tok.encode_batch(texts)]
@@ -96,24 +104,73 @@ def workload_texts(spec: dict[str, Any], tokenizer_json: Path) -> list[str]:
 # ---------------------------------------------------------------------------------- models
 
 
+# Random models of real shapes (``--random``): name -> (shape in encoder.synthetic, tokenizer).
+# "wordpiece" is the default model's BERT tokenizer (vocabulary 30522; GTE's 30528 rows are cut
+# to it as for the real doc-v3-gte); "bpe" is a byte-level BPE tokenizer as RoBERTa's, trained on
+# a small built-in text by the tests' trainer and padded with unused special tokens to the
+# model's vocabulary, so the shapes are the real ones but SciFact texts split into more tokens
+# than the real tokenizer would make: for those models only the fixed-length workloads run.
+RANDOM_SHAPES = {
+    "bert-base": ("BERT_BASE", "wordpiece"),
+    "granite-30m": ("GRANITE_30M_SPARSE", "bpe"),
+    "gte-base": ("GTE_BASE", "wordpiece"),
+}
+
+
+def _random_name(shape: str) -> str:
+    return f"random-{shape}"
+
+
+def _shape_of(model_name: str) -> str | None:
+    return next((s for s in RANDOM_SHAPES if _random_name(s) == model_name), None)
+
+
+def _bpe_tokenizer(vocab_size: int) -> Path:
+    """A RoBERTa-style byte-level BPE tokenizer folder with exactly ``vocab_size`` tokens."""
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = cache_root() / "bench" / f"bpe-tokenizer-{vocab_size}"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    sys.path.insert(0, str(ROOT / "tests"))
+    from trained_tokenizers import train_roberta_tokenizer
+
+    train_roberta_tokenizer(folder, vocab_size=1200)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+    tok.add_special_tokens([AddedToken(f"<extra_{i}>", special=True) for i in range(missing)])
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def prepare_models(args: argparse.Namespace) -> dict[str, Path]:
-    """Model folders: the default model, and the random BERT-base when asked (exported once)."""
+    """Model folders: the default model, and the random models asked for (exported once)."""
     models = {DEFAULT_MODEL_NAME: fetch_default_model()} if not args.no_default else {}
-    if args.random_base:
-        out = cache_root() / "bench" / "random-bert-base"
+    for shape in args.random:
+        name = _random_name(shape)
+        out = cache_root() / "bench" / name
         if not _is_current(out):
             from encoder.export import export_model
-            from encoder.synthetic import random_masked_lm
 
-            print(f"exporting a random BERT-base into {out} ...", file=sys.stderr)
-            export_model(
-                fetch_source(DEFAULT_MODEL_NAME),  # its tokenizer (vocabulary 30522)
-                out,
-                weights=random_masked_lm(seed=0),
-                name="random-bert-base",
+            weights = _random_weights(name)
+            tokenizer = RANDOM_SHAPES[shape][1]
+            src = (
+                fetch_source(DEFAULT_MODEL_NAME)  # its tokenizer (vocabulary 30522)
+                if tokenizer == "wordpiece"
+                else _bpe_tokenizer(weights.config.vocab_size)
             )
-        models["random-bert-base"] = out
+            print(f"exporting a random {shape} into {out} ...", file=sys.stderr)
+            export_model(src, out, weights=weights, name=name)
+        models[name] = out
     return models
+
+
+def _random_weights(model_name: str) -> Any:
+    from encoder import synthetic
+
+    shape = _shape_of(model_name)
+    assert shape is not None, model_name
+    return synthetic.random_masked_lm(getattr(synthetic, RANDOM_SHAPES[shape][0]), seed=0)
 
 
 def _is_current(folder: Path) -> bool:
@@ -130,10 +187,10 @@ def _is_current(folder: Path) -> bool:
 def _weights_for(model_dir: Path) -> Any:
     from encoder.checkpoint import load_masked_lm
     from encoder.metadata import read_metadata
-    from encoder.synthetic import random_masked_lm
 
-    if read_metadata(model_dir).name == "random-bert-base":
-        return random_masked_lm(seed=0)
+    name = read_metadata(model_dir).name
+    if _shape_of(name):
+        return _random_weights(name)
     return load_masked_lm(fetch_source(DEFAULT_MODEL_NAME))
 
 
@@ -495,10 +552,19 @@ def compare_runs(int8: EvalRun, fp32: EvalRun) -> dict[str, Any]:
 
 
 def fidelity_report(
-    model_dir: Path, scifact: Path, threads: int, variants: dict[str, Path] | None = None
+    model_dir: Path,
+    scifact: Path,
+    threads: int,
+    variants: dict[str, Path] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """INT8 vs FP32 on SciFact for model.onnx (and for each variant folder's model.onnx)."""
+    """INT8 vs FP32 on SciFact for model.onnx (and for each variant folder's model.onnx);
+    ``limit``: the first N documents only (retrieval over those)."""
     data = load_eval(scifact)
+    if limit:
+        data = EvalData(
+            data.doc_ids[:limit], data.docs[:limit], data.qids, data.queries, data.qrels
+        )
     fp32 = evaluate(
         SparseEncoder.load(model_dir, threads=threads, model_file="model.fp32.onnx"), data
     )
@@ -564,7 +630,10 @@ def quant_variants(model_name: str, model_dir: Path, names: Sequence[str] = ()) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scifact", type=Path, help="BEIR SciFact folder (corpus.jsonl, ...)")
-    parser.add_argument("--random-base", action="store_true", help="add a random BERT-base model")
+    parser.add_argument("--random-base", action="store_true", help="same as --random bert-base")
+    parser.add_argument(
+        "--random", default="", help=f"random models of these shapes: {','.join(RANDOM_SHAPES)}"
+    )
     parser.add_argument("--no-default", action="store_true", help="leave the default model out")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
@@ -577,6 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--fidelity", action="store_true", help="INT8 vs FP32 on SciFact")
     parser.add_argument(
+        "--fidelity-docs",
+        type=int,
+        default=500,
+        help="SciFact documents when --random is given (all of them otherwise)",
+    )
+    parser.add_argument(
         "--quant-study",
         action="store_true",
         help="fidelity (default model) and speed of each quantization variant",
@@ -586,6 +661,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "tmp" / "encoder_bench.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.random = [r for r in args.random.split(",") if r] + (["bert-base"] * args.random_base)
+    unknown = set(args.random) - set(RANDOM_SHAPES)
+    if unknown:
+        parser.error(f"--random: unknown {sorted(unknown)}; known: {', '.join(RANDOM_SHAPES)}")
+    args.random = list(dict.fromkeys(args.random))
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
@@ -607,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             total = args.fixed_tokens or (65536 if base else 262144)
             workload = {"type": "fixed", "length": length, "docs": max(8, total // length)}
             jobs.append((model_name, model_dir, f"{length} tokens", workload))
-        if args.scifact:
+        shape = _shape_of(model_name)
+        if args.scifact and not (shape and RANDOM_SHAPES[shape][1] == "bpe"):
             limit = int(docs_per_model["base" if base else "tiny"]) or None
             workload = {"type": "scifact", "path": str(args.scifact), "docs": limit}
             jobs.append((model_name, model_dir, f"scifact[{limit or 'all'}]", workload))
@@ -672,8 +753,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["quant_study"] = quant_study(args, models, batch_tokens, batch_docs, docs_per_model)
     if args.fidelity and args.scifact and DEFAULT_MODEL_NAME in models:
         print("\nfidelity: INT8 vs FP32, default model, SciFact ...", file=sys.stderr)
-        report["fidelity"] = fidelity_report(models[DEFAULT_MODEL_NAME], args.scifact, args.threads)
+        report["fidelity"] = fidelity_report(
+            models[DEFAULT_MODEL_NAME],
+            args.scifact,
+            args.threads,
+            limit=args.fidelity_docs if args.random else None,  # the same texts as theirs
+        )
         print(json.dumps(report["fidelity"], indent=2))
+    if args.fidelity and args.scifact:
+        # random weights: what INT8 costs on each architecture's arithmetic, on real text (a
+        # trained model's activations differ, so this is the architecture's share, not the model's)
+        for model_name, model_dir in models.items():
+            if model_name == DEFAULT_MODEL_NAME:
+                continue
+            print(f"\nfidelity: INT8 vs FP32, {model_name}, SciFact ...", file=sys.stderr)
+            report.setdefault("fidelity_random", {})[model_name] = fidelity_report(
+                model_dir, args.scifact, args.threads, limit=args.fidelity_docs
+            )
+            print(json.dumps(report["fidelity_random"][model_name], indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
