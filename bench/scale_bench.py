@@ -1,7 +1,7 @@
 """Scale: what ingest and search cost as one index grows (10 thousand -> 100 thousand -> 1 million).
 
-    .venv/bin/python bench/scale_bench.py ../shared/eval/scifact --sizes 10000,100000,1000000 \\
-        --es-heap 4g --out results/scale
+    .venv/bin/python bench/scale_bench.py ../shared/eval/scifact \\
+        --sizes 10000,100000,300000,1000000 --es-heap 4g --side-up-to 300000 --out results/scale
 
 One index in the service's own mapping (the default: passages, nested ``sparse_vector``) grows
 through the sizes; after each step it reports:
@@ -12,18 +12,24 @@ through the sizes; after each step it reports:
   the encoder (encoding a million documents would take hours on 2 cores; the
   encoder's own rate is bench/encoder_bench.py's);
 - bytes per document: the whole store, and per field (``_disk_usage``): the passages' vectors
-  against the text fields' inverted index (what BM25 alone needs);
+  against the text fields' inverted index; and the whole store of a **BM25-only index** of the
+  same documents (their title and body in the service's text mapping, nothing else), grown
+  beside it;
 - query latency p50/p95/p99, one query at a time, top 10, for sparse exact (``"prune": false``),
   sparse as the service sends it (Elasticsearch 8.19+/9.x maps ``sparse_vector`` with
   ``index_options.prune: true``, so the query is pruned with the default ``pruning_config``
   unless it says otherwise), BM25 and hybrid (the service's), and the share of the exact top 10
-  the pruned query keeps; the modes alternate query by query, so machine noise hits all alike,
-  and the load average at the time is reported with them.
+  the pruned query keeps. Every query runs every mode, in an order rotated query by query (no
+  mode always first, or always right after another with the same tokens); ``--warmup`` queries
+  run once, unrecorded, before each step's; the load average is reported with them.
 
-Index-time pruning (the service's ``SPARSE_INGEST_ES_PRUNE_BELOW``): ``--prune-below 0.3`` drops
-smaller weights before writing. With the same ``--seed`` the documents are the same as in a run
-without it, so ``--compare results/scale/scale.json`` reports what share of *that* run's exact
-top 10 (the unpruned index, same size) the pruned index's queries keep.
+Index-time pruning (the service's ``SPARSE_INGEST_ES_PRUNE_BELOW``): ``--side-up-to N`` grows a
+side index of the same documents, weights below ``--side-prune-below`` (0.3) dropped, up to N
+documents; its writes follow the main index's batch by batch (none competes with another), and
+its exact and as-sent queries join the rotation, so both indexes are measured under the same
+load. It reports its bytes, latency, nDCG@10 and what share of the unpruned index's exact top 10
+its queries keep. (``--prune-below`` prunes the main index itself; ``--compare
+results/scale/scale.json`` then compares with an earlier run of the same ``--seed``.)
 
 What is real and what is drawn: the dataset's documents are encoded by the default model (their
 passages are real vectors of real text) and written first; every later document takes the text
@@ -44,14 +50,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +69,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from elasticsearch.exceptions import GeneralAvailabilityWarning  # noqa: E402
+from elasticsearch.helpers import async_bulk  # noqa: E402
 
 from encoder import SparseEncoder  # noqa: E402
 from encoder.cpu import cpu_name  # noqa: E402
 from encoder.passages import Passage  # noqa: E402
 from service.builder import load_encoder  # noqa: E402
 from service.config import load_settings  # noqa: E402
-from service.elastic import elasticsearch_client  # noqa: E402
+from service.elastic import describe_cluster, elasticsearch_client  # noqa: E402
 from service.messages import RecordRef, Upsert, content_hash  # noqa: E402
-from service.search import Searcher, best_passage_query, sparse_query  # noqa: E402
+from service.search import Mode, Searcher, best_passage_query, sparse_query  # noqa: E402
 from service.sink import ElasticsearchSink, IndexConfig  # noqa: E402
 from tooling.eval.beir import load_beir  # noqa: E402
 from tooling.eval.metrics import ndcg_at_k  # noqa: E402
@@ -240,6 +249,16 @@ class PassageModel:
         return out
 
 
+def expected_postings(model: PassageModel, vectors: Sequence[dict[str, float]], docs: int) -> float:
+    """The postings an exact query walks in an index of ``docs`` documents, mean over the
+    queries: each token's share of passages times the passages (a document holds the mean
+    measured number); tokens no real passage holds have none."""
+    share = dict(zip(model.tokens, model.share.tolist(), strict=True))
+    passages = docs * float(model.per_doc.mean())
+    per_query = [sum(share.get(t, 0.0) for t in v) * passages for v in vectors]
+    return statistics.fmean(per_query) if per_query else float("nan")
+
+
 # ----------------------------------------------------------------------------- measuring
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
@@ -263,6 +282,34 @@ class Step:
     # SciFact's nDCG@10 per mode, every drawn document a distractor (none is judged relevant)
     ndcg10: dict[str, float] = field(default_factory=dict)
     exact_top10: list[list[str]] = field(default_factory=list)
+    # the BM25-only index of the same documents (their title and body, nothing else): its
+    # whole store per document, and its ingest rate
+    bm25_only_store_bytes_per_doc: float = float("nan")
+    bm25_only_ingest_docs_per_s: float = float("nan")
+    # the side index (``--side-prune-below``: the same documents, index-time pruned), measured
+    # in the same step, its queries alternating with this index's: ingest_docs_per_s,
+    # store/vector bytes per document, latency_ms and ndcg10 (sparse_exact, sparse), and
+    # kept: the share of *this* index's exact top 10 its exact and as-sent queries return
+    side: dict[str, Any] = field(default_factory=dict)
+    # postings a sparse query walks, expected from the measured token shares: the mean over
+    # the queries of sum over its tokens of (passages holding the token) (exact query)
+    query_postings: float = float("nan")
+    largest_segment_share: float = float("nan")  # of the index's Lucene documents
+
+
+async def segment_layout(es: Any, index: str) -> tuple[int, float]:
+    """The index's searchable segments and the largest one's share of its Lucene documents
+    (a shard searches its segments in slices on several threads: one dominant segment leaves
+    one thread most of the work)."""
+    resp = await es.indices.segments(index=index)
+    docs = [
+        seg["num_docs"]
+        for shards in resp["indices"][index]["shards"].values()
+        for shard in shards
+        for seg in shard["segments"].values()
+        if seg.get("search", True)
+    ]
+    return len(docs), (max(docs) / sum(docs) if docs and sum(docs) else float("nan"))
 
 
 async def disk_usage(es: Any, index: str) -> tuple[float, float, float]:
@@ -279,45 +326,68 @@ async def disk_usage(es: Any, index: str) -> tuple[float, float, float]:
 
 
 async def timed_queries(
-    es: Any, index: str, searcher: Searcher, queries: list[tuple[str, dict[str, float]]]
+    es: Any,
+    index: str,
+    searcher: Searcher,
+    queries: list[tuple[str, dict[str, float]]],
+    side: str | None = None,
+    warmup: Sequence[tuple[str, dict[str, float]]] = (),
+    order: np.random.Generator | None = None,
 ) -> tuple[dict[str, dict[str, float]], float, dict[str, list[list[str]]]]:
     """Latency per mode; the share of the exact top 10 the pruned query keeps; every query's
-    top 10 per mode."""
-    lat: dict[str, list[float]] = {"sparse_exact": [], "sparse": [], "bm25": [], "hybrid": []}
-    kept: list[float] = []
-    ranked: dict[str, list[list[str]]] = {mode: [] for mode in lat}
-    exact_ids, pruned_ids = ranked["sparse_exact"], ranked["sparse"]
+    top 10 per mode. With ``side`` (an index of the same documents), its exact and as-sent
+    queries too (modes ``side_sparse_exact``, ``side_sparse``). Each query runs every mode, in
+    an order drawn from ``order`` query by query (a random permutation: no mode is always first,
+    or always right after another with the same tokens). ``warmup``: other queries, run once
+    in every mode first, unrecorded."""
     vector_path = f"{PASSAGES}.{VECTOR}"
-    for text, vector in queries:
-        exact_inner = sparse_query(vector_path, vector, True)
-        exact_inner["sparse_vector"]["prune"] = False
-        exact_q = best_passage_query(PASSAGES, exact_inner, inner_hits=False)
+
+    def sparse(target: str, vector: dict[str, float], exact: bool) -> Any:
+        inner = sparse_query(vector_path, vector, True)
+        if exact:
+            inner["sparse_vector"]["prune"] = False
         # as the service sends it: the field's index_options decide (prune: true by default)
-        pruned_q = best_passage_query(
-            PASSAGES, sparse_query(vector_path, vector, True), inner_hits=False
-        )
-        t0 = time.perf_counter()
-        exact = await es.search(index=index, query=exact_q, size=10, source=False)
-        lat["sparse_exact"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        pruned = await es.search(index=index, query=pruned_q, size=10, source=False)
-        lat["sparse"].append(time.perf_counter() - t0)
-        exact_ids.append([h["_id"] for h in exact["hits"]["hits"]])
-        pruned_ids.append([h["_id"] for h in pruned["hits"]["hits"]])
-        if exact_ids[-1]:
-            kept.append(len(set(exact_ids[-1]) & set(pruned_ids[-1])) / len(exact_ids[-1]))
-        t0 = time.perf_counter()
-        bm25 = await searcher.search("bm25", text, None, 10)
-        lat["bm25"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        hybrid = await searcher.search("hybrid", text, vector, 10)
-        lat["hybrid"].append(time.perf_counter() - t0)
-        ranked["bm25"].append([h.id for h in bm25])
-        ranked["hybrid"].append([h.id for h in hybrid])
+        query = best_passage_query(PASSAGES, inner, inner_hits=False)
+
+        async def go() -> list[str]:
+            resp = await es.search(index=target, query=query, size=10, source=False)
+            return [h["_id"] for h in resp["hits"]["hits"]]
+
+        return go
+
+    def service(mode: Mode, text: str, vector: dict[str, float]) -> Any:
+        async def go() -> list[str]:
+            return [h.id for h in await searcher.search(mode, text, vector, 10)]
+
+        return go
+
+    modes = ["sparse_exact", "sparse", "bm25", "hybrid"]
+    if side:
+        modes += ["side_sparse_exact", "side_sparse"]
+    lat: dict[str, list[float]] = {mode: [] for mode in modes}
+    ranked: dict[str, list[list[str]]] = {mode: [] for mode in modes}
+    order = order or np.random.default_rng(0)
+    for i, (text, vector) in enumerate([*warmup, *queries]):
+        calls = {
+            "sparse_exact": sparse(index, vector, True),
+            "sparse": sparse(index, vector, False),
+            "bm25": service("bm25", text, vector),
+            "hybrid": service("hybrid", text, vector),
+        }
+        if side:
+            calls["side_sparse_exact"] = sparse(side, vector, True)
+            calls["side_sparse"] = sparse(side, vector, False)
+        for at in order.permutation(len(modes)):
+            mode = modes[at]
+            t0 = time.perf_counter()
+            ids = await calls[mode]()
+            if i >= len(warmup):
+                lat[mode].append(time.perf_counter() - t0)
+                ranked[mode].append(ids)
     table = {
         mode: {f"p{q}": percentile(v, q) * 1000 for q in (50, 95, 99)} for mode, v in lat.items()
     }
-    return table, statistics.fmean(kept) if kept else float("nan"), ranked
+    return table, share_kept(ranked["sparse_exact"], ranked["sparse"]), ranked
 
 
 def share_kept(reference: list[list[str]], got: list[list[str]]) -> float:
@@ -341,7 +411,18 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
     and the Elasticsearch version)."""
     return {
         "seed": args.seed, "real_docs": args.real_docs, "batch": args.batch, "sampler": SAMPLER,
+        "queries": args.queries, "warmup": args.warmup, "query_order": QUERY_ORDER,
+        "phases": PHASES, "side_up_to": args.side_up_to,
+        "side_prune_below": args.side_prune_below, "serial": args.serial,
     }  # fmt: skip
+
+
+# Elasticsearch's concurrent segment search (on by default since 8.12)
+PARALLEL = "search.query_phase_parallel_collection_enabled"
+
+# how a run orders each query's modes, and writes its indexes (another way measures otherwise)
+QUERY_ORDER = "random permutation per query"
+PHASES = "main, side, BM25-only: one after another per step, merges settled between"
 
 
 # what must match for ``--compare`` to mean anything: the same real documents, the same
@@ -375,6 +456,21 @@ def check_comparable(path: Path, previous: dict[str, Any] | None, params: dict[s
 
 
 # ----------------------------------------------------------------------------- the run
+async def checked_write(sink: ElasticsearchSink, batch: list[Upsert]) -> None:
+    outcome = await sink.write(batch)
+    if outcome.rejected or outcome.retry:
+        raise RuntimeError(f"writes refused: {outcome.rejected[:1]} {outcome.retry[:1]}")
+
+
+async def bm25_write(es: Any, index: str, batch: list[tuple[str, dict[str, str]]]) -> None:
+    """Documents' title and body, nothing else, into the BM25-only index (a plain bulk: no
+    versions, no lookup)."""
+    actions = ({"_index": index, "_id": doc_id, "_source": fields} for doc_id, fields in batch)
+    _, errors = await async_bulk(es, actions, chunk_size=len(batch), raise_on_error=False)
+    if errors:
+        raise RuntimeError(f"BM25-only writes refused: {errors}")
+
+
 def written_fields(fields: Sequence[str]) -> tuple[str, dict[str, str]]:
     """A dataset document ``(title, text)`` as the bench writes it: the text the service encodes
     (the fields joined with a space, as the service joins its text fields) and the fields
@@ -411,7 +507,9 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
         return ids[n] if n < len(ids) else doc
 
     es = elasticsearch_client(settings)
-    params["elasticsearch"] = (await es.info())["version"]["number"]
+    params["elasticsearch"] = (await describe_cluster(es)).version  # (no GET / here)
+    if args.serial:  # (a cluster setting: a given --es-url gets it back at the end)
+        await es.cluster.put_settings(persistent={PARALLEL: False})
     sink = ElasticsearchSink(
         es,
         IndexConfig(
@@ -427,46 +525,124 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
     await es.options(ignore_status=404).indices.delete(index=f"{args.index}*")
     index = await sink.ensure_index(create=True)
     searcher = Searcher(es, index, VECTOR, TEXT_FIELDS, passage_field=PASSAGES)
+    side_sink: ElasticsearchSink | None = None
+    side = ""
+    if args.side_up_to:  # the same documents, index-time pruned
+        side_sink = ElasticsearchSink(
+            es,
+            replace(sink.config, index=f"{args.index}-side", prune_below=args.side_prune_below),
+            model_name=sink.model_name,
+            chunk_size=settings.es_bulk_chunk_size,
+            max_chunk_bytes=settings.es_bulk_max_bytes,
+        )
+        side_sink.fingerprint = "scale-bench-side"
+        side = await side_sink.ensure_index(create=True)
+    # BM25 alone: the same documents' title and body in the service's text mapping, nothing
+    # else (no vectors, no passages, no bookkeeping)
+    bm25_index = f"{args.index}-bm25"
+    bm25_body = IndexConfig(
+        index=bm25_index, vector_field=VECTOR, text_fields=TEXT_FIELDS,
+        refresh_interval=settings.es_refresh_interval, number_of_replicas=0,
+    ).body()  # fmt: skip
+    bm25_body["mappings"]["properties"] = {
+        name: m for name, m in bm25_body["mappings"]["properties"].items() if name in TEXT_FIELDS
+    }
+    await es.indices.create(index=bm25_index, **bm25_body)
+    # warm-up queries: document titles, encoded as queries (none of the measured queries)
+    titles = [t for t, _ in (data.corpus[i] for i in ids) if t][: args.warmup]
+    warmup = list(zip(titles, encoder.encode_queries(titles), strict=True)) if titles else []
+    order = np.random.default_rng(args.seed + 1)  # the modes' order per query (not the draws)
     steps: list[Step] = []
     written = 0
+    sources = np.zeros(max(args.sizes), dtype=np.int32)  # each document's real text
+
+    def batches(draw: np.random.Generator, begin: int, stop: int) -> Any:
+        """Documents ``begin..stop`` in batches; the drawn ones from ``draw`` (the same state
+        draws the same documents: the side index's phase replays the main index's)."""
+        for low in range(begin, stop, args.batch):
+            batch = []
+            for n in range(low, min(stop, low + args.batch)):
+                if n < len(texts):
+                    of, passages = n, real[n]
+                else:  # the text, title and body of a random real document
+                    of = int(draw.integers(len(texts)))
+                    passages = model.draw(draw, len(texts[of]))
+                sources[n] = of
+                text, fields = documents[of]
+                batch.append(
+                    Upsert(
+                        RecordRef("scale", 0, n, 0), f"d{n}", 1, text, dict(fields),
+                        content_hash=content_hash(sink.fingerprint, text), passages=passages,
+                    )
+                )  # fmt: skip
+            yield batch
+
+    async def settle(name: str) -> float:
+        """Refresh ``name`` and wait until no merge runs on any of the bench's indexes (so the
+        next phase, or the queries, do not share the cores with this one's merges)."""
+        t0 = time.perf_counter()
+        await es.options(request_timeout=1800).indices.refresh(index=name)
+        refreshed = time.perf_counter() - t0
+        while True:
+            stats = await es.indices.stats(index=f"{args.index}*", metric="merge")
+            if stats["_all"]["total"]["merges"]["current"] == 0:
+                return refreshed
+            await asyncio.sleep(0.5)
+
     try:
         for size in args.sizes:
+            begin = written
+            with_side = side_sink is not None and size <= args.side_up_to
+            if side_sink is not None and not with_side and side:  # past its last step
+                await es.options(ignore_status=404).indices.delete(index=side)
+                side = ""
+            state = rng.bit_generator.state
+            # phase 1: the main index (its ingest rate: the time inside the writes and refresh)
             t0 = time.perf_counter()
             in_writes = 0.0  # seconds inside sink.write (drawing documents is not ingest)
-            while written < size:
-                batch = []
-                for n in range(written, min(size, written + args.batch)):
-                    if n < len(texts):
-                        of, passages = n, real[n]
-                    else:  # the text, title and body of a random real document
-                        of = int(rng.integers(len(texts)))
-                        passages = model.draw(rng, len(texts[of]))
-                    text, fields = documents[of]
-                    batch.append(
-                        Upsert(
-                            RecordRef("scale", 0, n, 0), f"d{n}", 1, text, dict(fields),
-                            content_hash=content_hash(sink.fingerprint, text), passages=passages,
-                        )
-                    )  # fmt: skip
+            for batch in batches(rng, begin, size):
                 t1 = time.perf_counter()
-                outcome = await sink.write(batch)
+                await checked_write(sink, batch)
                 in_writes += time.perf_counter() - t1
-                if outcome.rejected or outcome.retry:
-                    raise RuntimeError(
-                        f"writes refused: {outcome.rejected[:1]} {outcome.retry[:1]}"
-                    )
-                written += len(batch)
-            t1 = time.perf_counter()
-            await es.options(request_timeout=1800).indices.refresh(index=index)
-            in_writes += time.perf_counter() - t1
+            in_writes += await settle(index)
             seconds = time.perf_counter() - t0
+            written = size
+            # phase 2: the side index, the same documents (the same draws, replayed)
+            side_seconds = 0.0
+            if with_side:
+                assert side_sink is not None
+                replay = np.random.Generator(type(rng.bit_generator)())
+                replay.bit_generator.state = state
+                for batch in batches(replay, begin, size):
+                    t1 = time.perf_counter()
+                    await checked_write(side_sink, batch)
+                    side_seconds += time.perf_counter() - t1
+                side_seconds += await settle(side)
+            # phase 3: the BM25-only index, the same texts
+            bm25_seconds = 0.0
+            for low in range(begin, size, args.batch):
+                chunk = [
+                    (f"d{n}", documents[int(sources[n])][1])
+                    for n in range(low, min(size, low + args.batch))
+                ]
+                t1 = time.perf_counter()
+                await bm25_write(es, bm25_index, chunk)
+                bm25_seconds += time.perf_counter() - t1
+            bm25_seconds += await settle(bm25_index)
             # the store as on disk (disk_usage flushes too)
-            await es.options(request_timeout=1800).indices.flush(index=index)
+            await es.options(request_timeout=1800).indices.flush(index=f"{args.index}*")
             first = steps[-1].docs if steps else 0
             stats = await es.indices.stats(index=index, metric="segments")
             primaries = stats["indices"][index]["primaries"]
             store_b, vector_b, text_b = await disk_usage(es, index)
-            latency, kept_share, ranked = await timed_queries(es, index, searcher, queries)
+            bm25_store, _, _ = await disk_usage(es, bm25_index)
+            side_store, side_vector, _ = await disk_usage(es, side) if with_side else (0, 0, 0)
+            await settle(f"{args.index}*")
+            _, largest = await segment_layout(es, index)
+            side_segments = await segment_layout(es, side) if with_side else (0, float("nan"))
+            latency, kept_share, ranked = await timed_queries(
+                es, index, searcher, queries, side if with_side else None, warmup, order
+            )
             unpruned: dict[str, float] = {}
             if written in reference:
                 unpruned = {
@@ -489,37 +665,99 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
                 pruned_top10_kept=kept_share, unpruned_top10_kept=unpruned,
                 load_average=os.getloadavg()[0], ndcg10=ndcg,
                 exact_top10=ranked["sparse_exact"],
+                bm25_only_store_bytes_per_doc=bm25_store / written,
+                bm25_only_ingest_docs_per_s=(written - first) / bm25_seconds,
+                query_postings=expected_postings(model, [v for _, v in queries], written),
+                largest_segment_share=largest,
             )  # fmt: skip
+            if with_side:
+                step.side = {
+                    "prune_below": args.side_prune_below,
+                    "ingest_docs_per_s": (written - first) / side_seconds,
+                    "store_bytes_per_doc": side_store / written,
+                    "vector_bytes_per_doc": side_vector / written,
+                    "segments": side_segments[0],
+                    "largest_segment_share": side_segments[1],
+                    "latency_ms": {
+                        mode: latency.pop(f"side_{mode}") for mode in ("sparse_exact", "sparse")
+                    },
+                    "ndcg10": {
+                        mode: ndcg.pop(f"side_{mode}") for mode in ("sparse_exact", "sparse")
+                    },
+                    "kept": {
+                        mode: share_kept(ranked["sparse_exact"], ranked[f"side_{mode}"])
+                        for mode in ("sparse_exact", "sparse")
+                    },
+                }
             steps.append(step)
             print(row(step), flush=True)
             report(args, steps, "(in progress)", params)
     finally:
         if not args.keep:
-            await es.options(ignore_status=404).indices.delete(index=index)
+            await es.options(ignore_status=404).indices.delete(index=f"{args.index}*")
+        if args.serial:
+            await es.cluster.put_settings(persistent={PARALLEL: None})
         await es.close()
     return steps, params
 
 
 HEADER = (
     "| documents (real) | ingest docs/s | store B/doc | vectors B/doc | text (BM25) B/doc | "
-    "segments | sparse exact p50/p95/p99 ms | sparse as sent (pruned) p50/p95/p99 ms | "
-    "pruned keeps of exact top 10 | BM25 p50/p95/p99 ms | hybrid p50/p95/p99 ms | "
-    "nDCG@10 exact / as sent / BM25 / hybrid | load |\n|" + "---|" * 13
+    "BM25-only index B/doc | segments (largest's share of documents) | "
+    "sparse exact p50/p95/p99 ms | "
+    "sparse as sent (pruned) p50/p95/p99 ms | pruned keeps of exact top 10 | "
+    "BM25 p50/p95/p99 ms | hybrid p50/p95/p99 ms | nDCG@10 exact / as sent / BM25 / hybrid | "
+    "load |\n|" + "---|" * 14
 )
 
 
+def lat_cell(m: dict[str, float]) -> str:
+    return f"{m['p50']:.1f} / {m['p95']:.1f} / {m['p99']:.1f}"
+
+
+def segments_cell(count: int, largest: float) -> str:
+    return f"{count}" if math.isnan(largest) else f"{count} (largest {largest:.0%})"
+
+
 def row(s: Step) -> str:
-    def lat(mode: str) -> str:
-        m = s.latency_ms[mode]
-        return f"{m['p50']:.1f} / {m['p95']:.1f} / {m['p99']:.1f}"
-
     ndcg = " / ".join(f"{s.ndcg10[m]:.3f}" for m in ("sparse_exact", "sparse", "bm25", "hybrid"))
-
+    lat = s.latency_ms
     return (
         f"| {s.docs:,} ({s.real_docs:,}) | {s.ingest_docs_per_s:,.0f} | "
-        f"{s.store_bytes_per_doc:,.0f} | {s.vector_bytes_per_doc:,.0f} | {s.text_bytes_per_doc:,.0f} | "
-        f"{s.segments} | {lat('sparse_exact')} | {lat('sparse')} | {kept_cell(s)} | "
-        f"{lat('bm25')} | {lat('hybrid')} | {ndcg} | {s.load_average:.1f} |"
+        f"{s.store_bytes_per_doc:,.0f} | {s.vector_bytes_per_doc:,.0f} | "
+        f"{s.text_bytes_per_doc:,.0f} | {s.bm25_only_store_bytes_per_doc:,.0f} | "
+        f"{segments_cell(s.segments, s.largest_segment_share)} | "
+        f"{lat_cell(lat['sparse_exact'])} | {lat_cell(lat['sparse'])} | "
+        f"{kept_cell(s)} | {lat_cell(lat['bm25'])} | {lat_cell(lat['hybrid'])} | {ndcg} | "
+        f"{s.load_average:.1f} |"
+    )
+
+
+SIDE_HEADER = (
+    "| documents | ingest docs/s (unpruned in the same step) | store B/doc | vectors B/doc | "
+    "segments | sparse exact p50/p95/p99 ms (unpruned) | as sent p50/p95/p99 ms (unpruned) | "
+    "of the unpruned index's exact top 10, kept by: exact / as sent | "
+    "nDCG@10 exact / as sent (unpruned) |\n|" + "---|" * 9
+)
+
+
+def side_row(s: Step) -> str:
+    d = s.side
+    lat, ndcg, kept = d["latency_ms"], d["ndcg10"], d["kept"]
+
+    def less(side: float, main: float) -> str:
+        return f"{side:,.0f} ({side / main - 1:+.0%})"
+
+    return (
+        f"| {s.docs:,} | {d['ingest_docs_per_s']:,.0f} ({s.ingest_docs_per_s:,.0f}) | "
+        f"{less(d['store_bytes_per_doc'], s.store_bytes_per_doc)} | "
+        f"{less(d['vector_bytes_per_doc'], s.vector_bytes_per_doc)} | "
+        f"{segments_cell(d.get('segments', 0), d.get('largest_segment_share', math.nan))} | "
+        f"{lat_cell(lat['sparse_exact'])} ({lat_cell(s.latency_ms['sparse_exact'])}) | "
+        f"{lat_cell(lat['sparse'])} ({lat_cell(s.latency_ms['sparse'])}) | "
+        f"{kept['sparse_exact']:.3f} / {kept['sparse']:.3f} | "
+        f"{ndcg['sparse_exact']:.3f} / {ndcg['sparse']:.3f} "
+        f"({s.ndcg10['sparse_exact']:.3f} / {s.ndcg10['sparse']:.3f}) |"
     )
 
 
@@ -552,6 +790,28 @@ def main() -> int:
         help="index-time pruning: drop weights below this (SPARSE_INGEST_ES_PRUNE_BELOW)",
     )
     parser.add_argument(
+        "--side-up-to",
+        type=int,
+        default=0,
+        help="also grow a side index of the same documents, index-time pruned at "
+        "--side-prune-below, through the sizes up to this one (0: none), measured in the same "
+        "steps; deleted after its last",
+    )
+    parser.add_argument("--side-prune-below", type=float, default=0.3)
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="search each shard's segments on one thread (search.query_phase_parallel_"
+        "collection_enabled: false): latency then measures a query's work, whatever the "
+        "segment layout",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=20,
+        help="warm-up queries (document titles) run before each step's, unrecorded",
+    )
+    parser.add_argument(
         "--compare", type=Path, help="an earlier run's scale.json (same --seed, no pruning)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "scale")
@@ -560,7 +820,20 @@ def main() -> int:
     if args.plot_only:
         print(plot(args.out))
         return 0
-    args.sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes {args.sizes!r}: document counts separated by commas")
+    if args.sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(args.sizes)):
+        parser.error(f"--sizes {args.sizes}: positive and increasing (the index grows)")
+    if args.batch < 1 or args.queries < 1 or args.warmup < 0:
+        parser.error("--batch and --queries take at least 1, --warmup at least 0")
+    if args.side_up_to and args.side_up_to < args.sizes[0]:
+        parser.error(f"--side-up-to {args.side_up_to}: no step is that small (first size "
+                     f"{args.sizes[0]})")  # fmt: skip
+    if args.side_up_to and args.prune_below:
+        parser.error("--side-up-to compares a pruned side index with an unpruned main index: "
+                     "leave --prune-below out")  # fmt: skip
     if args.compare:  # before any Elasticsearch starts: what can be checked yet
         check_comparable(args.compare, compared_run(args.compare)[1], run_params(args))
     started = time.perf_counter()
@@ -591,10 +864,25 @@ def report(args: argparse.Namespace, steps: list[Step], wall: str, params: dict[
     head = (
         f"{cpu_name()}, {cores} cores; Elasticsearch heap {heap}; "
         f"`python bench/scale_bench.py {args.dataset} --sizes {','.join(map(str, args.sizes))}"
+        f"{f' --real-docs {args.real_docs}' if args.real_docs else ''}"
+        f"{f' --queries {args.queries}' if args.queries != 300 else ''}"
+        f"{f' --warmup {args.warmup}' if args.warmup != 20 else ''}"
+        f"{' --serial' if args.serial else ''}"
         f"{f' --prune-below {args.prune_below:g}' if args.prune_below else ''}"
+        f"{f' --side-up-to {args.side_up_to}' if args.side_up_to else ''}"
+        f"{f' --side-prune-below {args.side_prune_below:g}' if args.side_up_to else ''}"
         f"{f' --compare {args.compare}' if args.compare else ''}`, {wall}"
     )
-    text = "\n\n".join([head, "\n".join([HEADER, *(row(s) for s in steps)])])
+    parts = [head, "\n".join([HEADER, *(row(s) for s in steps)])]
+    sides = [s for s in steps if s.side]
+    if sides:
+        parts += [
+            f"Side index, the same documents index-time pruned at "
+            f"{sides[0].side['prune_below']:g} (`SPARSE_INGEST_ES_PRUNE_BELOW`), its queries "
+            f"alternating with the unpruned index's:",
+            "\n".join([SIDE_HEADER, *(side_row(s) for s in sides)]),
+        ]
+    text = "\n\n".join(parts)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"scale-prune{args.prune_below:g}" if args.prune_below else "scale"
     (args.out / f"{name}.md").write_text(text + "\n")
@@ -640,7 +928,28 @@ def plot(out: Path) -> Path | None:
         if label == "no index-time pruning":
             ax_bytes.plot(docs, [s["text_bytes_per_doc"] for s in steps], "^:", label="text (BM25)")
             ax_bytes.plot(docs, [s["store_bytes_per_doc"] for s in steps], "s--", label="store")
+            bm25 = [
+                (s["docs"], s["bm25_only_store_bytes_per_doc"])
+                for s in steps
+                if "bm25_only_store_bytes_per_doc" in s
+            ]
+            if bm25:
+                ax_bytes.plot(*zip(*bm25, strict=True), "x-", label="BM25-only index (store)")
         ax_ingest.plot(docs, [s["ingest_docs_per_s"] for s in steps], "o-", label=label)
+        side = [s for s in steps if s.get("side")]
+        if side:  # the side index, measured in the same run
+            name = f"index-time {side[0]['side']['prune_below']:g}, same run"
+            sdocs = [s["docs"] for s in side]
+            for mode in ("sparse_exact", "sparse"):
+                ax_lat.plot(
+                    sdocs, [s["side"]["latency_ms"][mode]["p99"] for s in side], styles[mode],
+                    label=f"{mode} p99 ({name})",
+                )  # fmt: skip
+            ax_bytes.plot(
+                sdocs, [s["side"]["vector_bytes_per_doc"] for s in side], "o-",
+                label=f"vectors ({name})",
+            )  # fmt: skip
+            ax_ingest.plot(sdocs, [s["side"]["ingest_docs_per_s"] for s in side], "s--", label=name)
     ax_lat.axhline(100, color="grey", lw=0.8)
     for ax, title in (
         (ax_lat, "query latency p99 (ms), one shard"),
@@ -648,6 +957,7 @@ def plot(out: Path) -> Path | None:
         (ax_ingest, "ingest docs/s through the sink"),
     ):
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("documents in the index")
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -181,7 +181,15 @@ def test_documents_keep_the_datasets_title_and_body() -> None:
 def bench_args(out: Path, compare: Path | None = None) -> argparse.Namespace:
     return argparse.Namespace(
         dataset="scifact", sizes=[10_000], prune_below=0.0, compare=compare,
-        es_url="http://127.0.0.1:9200", es_heap="4g", out=out,
+        es_url="http://127.0.0.1:9200", es_heap="4g", out=out, real_docs=0, queries=300,
+        warmup=20, side_up_to=0, side_prune_below=0.3, serial=False,
+    )  # fmt: skip
+
+
+def run_args(seed: int, batch: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        seed=seed, real_docs=0, batch=batch, queries=300, warmup=20, side_up_to=0,
+        side_prune_below=0.3, serial=False,
     )  # fmt: skip
 
 
@@ -205,13 +213,9 @@ def test_compare_refuses_a_run_that_drew_other_documents(
         with pytest.raises(SystemExit, match=f"--compare .*{key} "):
             sb.check_comparable(path, previous, {**params, key: other})
     # before any Elasticsearch starts (main): only what is known yet
-    sb.check_comparable(
-        path, previous, sb.run_params(argparse.Namespace(seed=7, real_docs=0, batch=1))
-    )
+    sb.check_comparable(path, previous, sb.run_params(run_args(seed=7, batch=1)))
     with pytest.raises(SystemExit, match="seed 7 there, 8 here"):
-        sb.check_comparable(
-            path, previous, sb.run_params(argparse.Namespace(seed=8, real_docs=0, batch=256))
-        )
+        sb.check_comparable(path, previous, sb.run_params(run_args(seed=8, batch=256)))
     capsys.readouterr()
 
     # an older run without parameters: accepted, with a warning
@@ -221,3 +225,18 @@ def test_compare_refuses_a_run_that_drew_other_documents(
     assert top10 == {10_000: [["d1"]]} and previous is None
     sb.check_comparable(old, previous, params)
     assert "warning" in capsys.readouterr().err
+
+
+def test_expected_postings_count_each_query_tokens_passages() -> None:
+    """Three documents, four passages: "a" in all four, "b" in one, "z" in none. A query of a
+    and b walks 4 + 1 postings at this size, and ten times as many at ten times the size."""
+    docs = [
+        [Passage(0, 1, {"a": 1.0, "b": 0.5}), Passage(1, 2, {"a": 0.2})],
+        [Passage(0, 1, {"a": 0.7})],
+        [Passage(0, 1, {"a": 0.1, "c": 0.3})],
+    ]
+    m = sb.PassageModel.measure(docs)
+    assert sb.expected_postings(m, [{"a": 1.0, "b": 1.0}], 3) == pytest.approx(5.0)
+    assert sb.expected_postings(m, [{"a": 1.0, "b": 1.0}], 30) == pytest.approx(50.0)
+    # the mean over queries; a token no passage holds walks nothing
+    assert sb.expected_postings(m, [{"a": 1.0}, {"z": 2.0}], 3) == pytest.approx(2.0)
