@@ -631,7 +631,6 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
             bm25_seconds += await settle(bm25_index)
             # the store as on disk (disk_usage flushes too)
             await es.options(request_timeout=1800).indices.flush(index=f"{args.index}*")
-            first = steps[-1].docs if steps else 0
             stats = await es.indices.stats(index=index, metric="segments")
             primaries = stats["indices"][index]["primaries"]
             store_b, vector_b, text_b = await disk_usage(es, index)
@@ -658,7 +657,7 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
             }
             step = Step(
                 docs=written, real_docs=min(written, len(texts)),
-                ingest_docs_per_s=(written - first) / in_writes, ingest_seconds=seconds,
+                ingest_docs_per_s=(written - begin) / in_writes, ingest_seconds=seconds,
                 store_bytes_per_doc=store_b / written,
                 vector_bytes_per_doc=vector_b / written, text_bytes_per_doc=text_b / written,
                 segments=primaries["segments"]["count"], latency_ms=latency,
@@ -666,14 +665,14 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
                 load_average=os.getloadavg()[0], ndcg10=ndcg,
                 exact_top10=ranked["sparse_exact"],
                 bm25_only_store_bytes_per_doc=bm25_store / written,
-                bm25_only_ingest_docs_per_s=(written - first) / bm25_seconds,
+                bm25_only_ingest_docs_per_s=(written - begin) / bm25_seconds,
                 query_postings=expected_postings(model, [v for _, v in queries], written),
                 largest_segment_share=largest,
             )  # fmt: skip
             if with_side:
                 step.side = {
                     "prune_below": args.side_prune_below,
-                    "ingest_docs_per_s": (written - first) / side_seconds,
+                    "ingest_docs_per_s": (written - begin) / side_seconds,
                     "store_bytes_per_doc": side_store / written,
                     "vector_bytes_per_doc": side_vector / written,
                     "segments": side_segments[0],
