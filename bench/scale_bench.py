@@ -21,7 +21,10 @@ through the sizes; after each step it reports:
   unless it says otherwise), BM25 and hybrid (the service's), and the share of the exact top 10
   the pruned query keeps. Every query runs every mode, in an order rotated query by query (no
   mode always first, or always right after another with the same tokens); ``--warmup`` queries
-  run once, unrecorded, before each step's; the load average is reported with them.
+  run once, unrecorded, before each step's; the load average is reported with them;
+- hybrid twice: as the service runs it (its two rankings side by side) and with the rankings one
+  after the other (``hybrid_serial_rankings``, as before they ran side by side), both in the
+  rotation, and how many of the second's top 10 the first returns (the HYBRID table).
 
 Index-time pruning (the service's ``SPARSE_INGEST_ES_PRUNE_BELOW``): ``--side-up-to N`` grows a
 side index of the same documents, weights below ``--side-prune-below`` (0.3) dropped, up to N
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import hashlib
 import itertools
 import json
@@ -295,6 +299,9 @@ class Step:
     # the queries of sum over its tokens of (passages holding the token) (exact query)
     query_postings: float = float("nan")
     largest_segment_share: float = float("nan")  # of the index's Lucene documents
+    # hybrid with its rankings side by side vs one after the other: the share of the latter's
+    # top 10 the former returns (1.0: the same documents)
+    hybrid_same_top10: float = float("nan")
 
 
 async def segment_layout(es: Any, index: str) -> tuple[int, float]:
@@ -355,13 +362,18 @@ async def timed_queries(
 
         return go
 
-    def service(mode: Mode, text: str, vector: dict[str, float]) -> Any:
+    # the service's hybrid with its two rankings one after the other (as before they ran side
+    # by side), for the side-by-side figures
+    serial_rankings = copy.copy(searcher)
+    serial_rankings.parallel_rankings = False
+
+    def service(mode: Mode, text: str, vector: dict[str, float], on: Searcher = searcher) -> Any:
         async def go() -> list[str]:
-            return [h.id for h in await searcher.search(mode, text, vector, 10)]
+            return [h.id for h in await on.search(mode, text, vector, 10)]
 
         return go
 
-    modes = ["sparse_exact", "sparse", "bm25", "hybrid"]
+    modes = ["sparse_exact", "sparse", "bm25", "hybrid", "hybrid_serial_rankings"]
     if side:
         modes += ["side_sparse_exact", "side_sparse"]
     lat: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -373,6 +385,7 @@ async def timed_queries(
             "sparse": sparse(index, vector, False),
             "bm25": service("bm25", text, vector),
             "hybrid": service("hybrid", text, vector),
+            "hybrid_serial_rankings": service("hybrid", text, vector, serial_rankings),
         }
         if side:
             calls["side_sparse_exact"] = sparse(side, vector, True)
@@ -668,6 +681,7 @@ async def run(args: argparse.Namespace, es_url: str) -> tuple[list[Step], dict[s
                 bm25_only_ingest_docs_per_s=(written - begin) / bm25_seconds,
                 query_postings=expected_postings(model, [v for _, v in queries], written),
                 largest_segment_share=largest,
+                hybrid_same_top10=share_kept(ranked["hybrid_serial_rankings"], ranked["hybrid"]),
             )  # fmt: skip
             if with_side:
                 step.side = {
@@ -729,6 +743,21 @@ def row(s: Step) -> str:
         f"{lat_cell(lat['sparse_exact'])} | {lat_cell(lat['sparse'])} | "
         f"{kept_cell(s)} | {lat_cell(lat['bm25'])} | {lat_cell(lat['hybrid'])} | {ndcg} | "
         f"{s.load_average:.1f} |"
+    )
+
+
+HYBRID_HEADER = (
+    "| documents | rankings side by side p50/p95/p99 ms | one after the other p50/p95/p99 ms | "
+    "same top 10 |\n|" + "---|" * 4
+)
+
+
+def hybrid_row(s: Step) -> str:
+    lat = s.latency_ms
+    same = s.hybrid_same_top10
+    return (
+        f"| {s.docs:,} | {lat_cell(lat['hybrid'])} | {lat_cell(lat['hybrid_serial_rankings'])} | "
+        f"{'n/a' if math.isnan(same) else f'{same:.3f}'} |"
     )
 
 
@@ -873,6 +902,13 @@ def report(args: argparse.Namespace, steps: list[Step], wall: str, params: dict[
         f"{f' --compare {args.compare}' if args.compare else ''}`, {wall}"
     )
     parts = [head, "\n".join([HEADER, *(row(s) for s in steps)])]
+    hybrid = [s for s in steps if "hybrid_serial_rankings" in s.latency_ms]
+    if hybrid:
+        parts += [
+            "Hybrid (the service's `mode: hybrid`), its two rankings (sparse, BM25) side by "
+            "side, as the service runs them, and one after the other, in the same rotation:",
+            "\n".join([HYBRID_HEADER, *(hybrid_row(s) for s in hybrid)]),
+        ]
     sides = [s for s in steps if s.side]
     if sides:
         parts += [

@@ -195,10 +195,19 @@ async def delete_index(client: AsyncElasticsearch, name: str) -> list[str]:
     return indices
 
 
+def connections_per_node(settings: Settings) -> int:
+    """Enough connections that writes never queue behind searches: a hybrid search holds two
+    at once (its rankings run side by side), each of ``http_max_concurrent`` searches may be
+    one, and the ingest side holds up to four (a bulk, a look-up, the readiness and the
+    outage probes). Waiting for a free connection counts against the request's timeout."""
+    return max(10, 2 * settings.http_max_concurrent + 4)
+
+
 def elasticsearch_client(settings: Settings) -> AsyncElasticsearch:
     kwargs: dict[str, Any] = {
         "request_timeout": settings.es_request_timeout_s,
         "serializer": OrjsonSerializer(),  # bulk bodies are mostly float maps: ~5x faster
+        "connections_per_node": connections_per_node(settings),
     }
     if settings.es_username:
         password = settings.es_password.get_secret_value() if settings.es_password else ""

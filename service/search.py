@@ -12,10 +12,11 @@ passage comes back (``inner_hits``: its offsets; its text cut from the document'
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from elasticsearch import AsyncElasticsearch, BadRequestError
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 Mode = Literal["sparse", "bm25", "hybrid"]
 MODES: tuple[Mode, ...] = ("sparse", "bm25", "hybrid")
 RRF_K = 60
+T = TypeVar("T")
+U = TypeVar("U")
 MAX_QUERY_TOKENS = 512
 
 
@@ -122,7 +125,27 @@ async def has_sparse_vector_query(
         raise
 
 
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Run two awaitables at once; the first failure is raised as it is (not as a group) and
+    stops the other."""
+    a, b = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        await asyncio.wait((a, b), return_when=asyncio.FIRST_EXCEPTION)
+        for task in (a, b):
+            if task.done():
+                task.result()  # the failure, if this one failed
+        return a.result(), b.result()
+    finally:
+        for task in (a, b):
+            task.cancel()  # (nothing when done)
+        await asyncio.gather(a, b, return_exceptions=True)
+
+
 class Searcher:
+    # Hybrid runs its two rankings at once (True) or one after the other (False: only for the
+    # scale bench's side-by-side figures).
+    parallel_rankings = True
+
     def __init__(
         self,
         client: AsyncElasticsearch,
@@ -238,8 +261,14 @@ class Searcher:
         sparse_q = sparse_query(self.vector_path, vector, native)
         if self.passage_field:
             sparse_q = best_passage_query(self.passage_field, sparse_q, inner_hits=False)
-        sparse_ids = await self._ids(sparse_q, depth) if vector else []
-        bm25_ids = await self._ids(bm25_query(text, self.text_fields), depth)
+        bm25_q = bm25_query(text, self.text_fields)
+        sparse_ids: list[str] = []
+        if not vector:
+            bm25_ids = await self._ids(bm25_q, depth)
+        elif self.parallel_rankings:  # side by side: the slower one's time, not the sum
+            sparse_ids, bm25_ids = await _both(self._ids(sparse_q, depth), self._ids(bm25_q, depth))
+        else:
+            sparse_ids, bm25_ids = await self._ids(sparse_q, depth), await self._ids(bm25_q, depth)
         fused = rrf([sparse_ids, bm25_ids])[:size]
         if not fused:
             return []

@@ -162,3 +162,16 @@ async def test_concurrent_first_requests_are_all_retried_in_the_agreed_version(s
         assert all(r.meta.status == 200 for r in results)
     finally:
         await es.close()
+
+
+async def test_the_pool_has_room_for_every_search_and_the_writes() -> None:
+    """Hybrid holds two connections at once; writes must not queue behind searches."""
+    for concurrent, expected in ((1, 10), (8, 20), (20, 44)):
+        es = elasticsearch_client(
+            load_settings(es_url="http://127.0.0.1:9", http_max_concurrent=concurrent)
+        )
+        try:
+            (node,) = es.transport.node_pool.all()
+            assert node.config.connections_per_node == expected
+        finally:
+            await es.close()

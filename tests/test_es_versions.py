@@ -75,6 +75,14 @@ async def test_ingest_search_and_reindex_on_each_major(
                 hits = await svc.searcher.search(mode, "cat windowsill", vector, 3)  # type: ignore[arg-type]
                 assert hits and hits[0].id == "cat", (mode, hits)
                 assert hits[0].source["body"] == "a small cat sleeps on a warm windowsill"
+            # hybrid's two rankings side by side rank exactly as one after the other
+            parallel = await svc.searcher.search("hybrid", "cat windowsill", vector, 3)
+            svc.searcher.parallel_rankings = False
+            try:
+                serial = await svc.searcher.search("hybrid", "cat windowsill", vector, 3)
+            finally:
+                svc.searcher.parallel_rankings = True
+            assert [(h.id, h.score) for h in parallel] == [(h.id, h.score) for h in serial]
         assert (await es.count(index=alias))["count"] == 3
         dog = await es.get(index=alias, id="dog")
         assert dog["_version"] == 5 and dog["_source"][META_FIELD]["version"] == 5
