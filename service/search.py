@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 Mode = Literal["sparse", "bm25", "hybrid"]
 MODES: tuple[Mode, ...] = ("sparse", "bm25", "hybrid")
 RRF_K = 60
+MAX_QUERY_TOKENS = 512
 T = TypeVar("T")
 U = TypeVar("U")
-MAX_QUERY_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
